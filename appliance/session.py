@@ -1,0 +1,385 @@
+"""One recorded session, from allocation to teardown.
+
+`run` allocates a session id and a /30, builds the namespace, veth pair and nftables table,
+starts the embedded proxy on the session's host-side address, runs the agent command in the
+sandbox and waits for it. Teardown runs in `finally`, each step guarded and logged, on normal
+exit, agent crash, Ctrl-C and SIGTERM alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import getpass
+import json
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance import addons
+from appliance.config import AgentProfile, Config
+from appliance.context import Registry, SessionContext
+from appliance.errors import ConfigError, PrivilegeError
+from appliance.netns import namespace, nftables, pool
+from appliance.proxy import EmbeddedProxy
+from appliance.recordings.journal import Journal
+from appliance.recordings.schema import SESSION_END, SESSION_START
+from appliance.recordings.store import Store
+from appliance.sandbox import SPEC_VARIABLE
+
+logger = logging.getLogger(__name__)
+
+# Environment variables through which each client stack finds the CA bundle to trust.
+CA_VARIABLES = (
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+    "NODE_EXTRA_CA_CERTS",
+    "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE",
+)
+PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "TERM", "TZ")
+GRACE_SECONDS = 5.0
+
+
+@dataclass
+class RunRequest:
+    """What the operator asked for: the command, its profile and extra environment."""
+
+    command: str
+    profile: AgentProfile
+    operator: str
+    cwd: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    session_id: str
+    exit_code: int
+    statements: int
+    events: int
+    duration: float
+    status: str
+
+
+def new_session_id() -> tuple[str, str]:
+    """Return a time-sortable session id and its 8-hex-digit tag used in kernel object names."""
+    tag = secrets.token_hex(4)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{tag}", tag
+
+
+def operator_name() -> str:
+    """Return who started the run: SUDO_USER, else the login uid's user, else the current user."""
+    if os.environ.get("SUDO_USER"):
+        return os.environ["SUDO_USER"]
+    try:
+        loginuid = int(Path("/proc/self/loginuid").read_text().strip())
+        if loginuid != 0xFFFFFFFF:
+            return pwd.getpwuid(loginuid).pw_name
+    except (OSError, ValueError, KeyError):
+        pass
+    return getpass.getuser()
+
+
+def sweep_stale(config: Config, store: Store) -> None:
+    """Remove kernel objects and seal journals left by sessions whose process died."""
+    held = pool.held_tags(config.runtime_dir)
+    stale = (set(namespace.existing_tags()) | set(nftables.existing_tags())) - held
+    for tag in sorted(stale):
+        logger.warning("Removing the objects of abandoned session tag %s", tag)
+        nftables.remove(tag)
+        namespace.remove_objects(tag)
+        shutil.rmtree(config.runtime_dir / "sessions" / tag, ignore_errors=True)
+    store.recover()
+
+
+class Terminated(Exception):
+    """SIGTERM arrived while the session was being built or torn down."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(f"received {signal.Signals(signum).name}")
+
+
+def _agent_account(profile: AgentProfile) -> pwd.struct_passwd:
+    try:
+        account = pwd.getpwnam(profile.user)
+    except KeyError:
+        raise ConfigError(
+            f"The agent user {profile.user!r} of profile {profile.name!r} does not exist; "
+            f"create it with 'make install' or 'useradd --system --no-create-home "
+            f"{profile.user}'."
+        ) from None
+    if account.pw_uid == 0:
+        raise ConfigError(f"The agent user {profile.user!r} has uid 0; agents must run "
+                          "unprivileged.")
+    return account
+
+
+async def _resolve_allowed(profile: AgentProfile, overrides: dict[str, str]) -> dict[str, str]:
+    """Map each exact allowlisted host to an address for the session's hosts file."""
+    hosts = dict(overrides)
+    loop = asyncio.get_running_loop()
+    for host in profile.allow_hosts:
+        if "*" in host or host in hosts:
+            continue
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host, 443, family=socket.AF_INET, type=socket.SOCK_STREAM), 5)
+        except (OSError, TimeoutError):
+            logger.warning("Could not resolve allowlisted host %s; the agent will not reach it",
+                           host)
+            continue
+        hosts[host] = str(infos[0][4][0])
+    return hosts
+
+
+class Session:
+    """Builds, runs and tears down one session."""
+
+    def __init__(self, config: Config, request: RunRequest) -> None:
+        self.config = config
+        self.request = request
+        self.store = Store(config.store_path)
+        self.session_id, self.tag = new_session_id()
+        self.registry = Registry()
+        self.directory = config.runtime_dir / "sessions" / self.tag
+        self.lease: pool.Lease | None = None
+        self.network: namespace.SessionNetwork | None = None
+        self.journal: Journal | None = None
+        self.context: SessionContext | None = None
+        self.proxy: EmbeddedProxy | None = None
+        self.agent: asyncio.subprocess.Process | None = None
+        self.interrupts = 0
+        self.started = time.monotonic()
+
+    def run(self) -> RunResult:
+        """Build the session, run the agent to completion and tear everything down.
+
+        Kernel objects are made and removed outside the event loop (pyroute2's synchronous
+        API cannot run inside one). SIGTERM during those phases raises Terminated, so the
+        `finally` teardown still runs.
+        """
+        if os.geteuid() != 0:
+            raise PrivilegeError("appliance run needs root to create namespaces and nftables "
+                                 "rules; run it with sudo.")
+        account = _agent_account(self.request.profile)
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        exit_code = 1
+        try:
+            self.store.ensure()
+            sweep_stale(self.config, self.store)
+            self.lease = pool.lease(self.config.pool, self.config.runtime_dir, self.tag)
+            self.network = namespace.create(self.tag, self.lease)
+            nftables.install(self.network, self.config.proxy_port)
+            exit_code = asyncio.run(self._run_async(account))
+        except Terminated:
+            logger.warning("Session %s: terminated during setup", self.session_id)
+            exit_code = 128 + signal.SIGTERM
+        finally:
+            status = self._teardown(exit_code)
+            signal.signal(signal.SIGTERM, previous)
+        assert self.context is not None and self.journal is not None
+        return RunResult(self.session_id, exit_code, self.context.statements,
+                         self.journal.count, time.monotonic() - self.started, status)
+
+    async def _run_async(self, account: pwd.struct_passwd) -> int:
+        await self._build(account)
+        return await self._run_agent(account)
+
+    async def _build(self, account: pwd.struct_passwd) -> None:
+        profile = self.request.profile
+        assert self.network is not None
+        hosts = await _resolve_allowed(profile, dict(self.config.hosts))
+        self.journal = self.store.open_journal(self.session_id)
+        self.context = SessionContext(
+            session_id=self.session_id,
+            tag=self.tag,
+            profile=profile,
+            unix_user=account.pw_name,
+            operator=self.request.operator,
+            agent_address=str(self.network.namespace_address),
+            proxy_address=str(self.network.host_address),
+            journal=self.journal,
+            placeholder_token="ya29.appliance-placeholder." + secrets.token_urlsafe(32),
+            hosts=hosts,
+        )
+        self.journal.append_sync({
+            "kind": SESSION_START,
+            "project": profile.project,
+            "detail": json.dumps({
+                "agent": profile.name,
+                "principal": profile.principal,
+                "unix_user": account.pw_name,
+                "uid": account.pw_uid,
+                "operator": self.request.operator,
+                "command": self.request.command,
+                "cwd": str(self.request.cwd),
+                "namespace": self.network.namespace,
+                "agent_address": str(self.network.namespace_address),
+                "proxy_address": f"{self.network.host_address}:{self.config.proxy_port}",
+                "hosts": hosts,
+                "appliance_pid": os.getpid(),
+            }, sort_keys=True),
+        })
+        self.registry.add(self.context)
+        self.proxy = EmbeddedProxy(self.config.ca_dir, self.config.upstream_ca_file,
+                                   addons.chain(self.registry))
+        await self.proxy.start([(str(self.network.host_address), self.config.proxy_port)])
+        self._write_session_files(account, hosts)
+        logger.info("Session %s started: agent profile %s, user %s, namespace %s",
+                    self.session_id, profile.name, account.pw_name, self.network.namespace)
+
+    def _write_session_files(self, account: pwd.struct_passwd, hosts: dict[str, str]) -> None:
+        """Write the files the sandbox mounts or points the agent at; only `home` is writable."""
+        assert self.proxy is not None and self.context is not None
+        self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chmod(self.directory.parent, 0o755)
+        lines = ["127.0.0.1 localhost", "169.254.169.254 metadata.google.internal metadata"]
+        lines += [f"{address} {host}" for host, address in sorted(hosts.items())]
+        files = {
+            "hosts": "\n".join(lines) + "\n",
+            # Nothing answers DNS inside the namespace, so lookups fail at once, not after 5 s.
+            "resolv.conf": "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+            "ca.pem": self.proxy.ca_cert_path.read_text(),
+            "token": self.context.placeholder_token,
+        }
+        for name, text in files.items():
+            path = self.directory / name
+            path.write_text(text)
+            os.chmod(path, 0o644)
+        home = self.directory / "home"
+        home.mkdir(mode=0o700, exist_ok=True)
+        os.chown(home, account.pw_uid, account.pw_gid)
+
+    def _agent_environment(self, account: pwd.struct_passwd) -> dict[str, str]:
+        profile = self.request.profile
+        env = {name: os.environ[name] for name in PASSED_THROUGH if name in os.environ}
+        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env.update({
+            "HOME": str(self.directory / "home"),
+            "USER": account.pw_name,
+            "LOGNAME": account.pw_name,
+            "APPLIANCE_SESSION_ID": self.session_id,
+            "CLOUDSDK_AUTH_ACCESS_TOKEN_FILE": str(self.directory / "token"),
+        })
+        for name in CA_VARIABLES:
+            env[name] = str(self.directory / "ca.pem")
+        if profile.project:
+            env["GOOGLE_CLOUD_PROJECT"] = profile.project
+            env["CLOUDSDK_CORE_PROJECT"] = profile.project
+        env.update(self.request.extra_env)
+        return env
+
+    async def _run_agent(self, account: pwd.struct_passwd) -> int:
+        assert self.network is not None
+        spec = {
+            "netns": self.network.namespace_path,
+            "bind_mounts": [[str(self.directory / "hosts"), "/etc/hosts"],
+                            [str(self.directory / "resolv.conf"), "/etc/resolv.conf"]],
+            "uid": account.pw_uid,
+            "gid": account.pw_gid,
+            "groups": os.getgrouplist(account.pw_name, account.pw_gid),
+            "cwd": str(self.request.cwd),
+            "command": self.request.command,
+            "env": self._agent_environment(account),
+        }
+        self.agent = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "appliance.sandbox",
+            env={**os.environ, SPEC_VARIABLE: json.dumps(spec)},
+        )
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, self._forward_signal, signum)
+        try:
+            return await self.agent.wait()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            await self._stop_proxy()
+
+    def _forward_signal(self, signum: int) -> None:
+        """Pass a signal to the agent; a second Ctrl-C or SIGTERM kills it outright."""
+        if self.agent is None or self.agent.returncode is not None:
+            return
+        self.interrupts += 1
+        if self.interrupts > 1 and signum in (signal.SIGINT, signal.SIGTERM):
+            logger.warning("Session %s: second interrupt, killing the agent", self.session_id)
+            self.agent.kill()
+            return
+        logger.warning("Session %s: forwarding %s to the agent", self.session_id,
+                       signal.Signals(signum).name)
+        self.agent.send_signal(signum)
+        asyncio.get_running_loop().call_later(GRACE_SECONDS * 2, self._kill_agent)
+
+    def _kill_agent(self) -> None:
+        if self.agent is not None and self.agent.returncode is None:
+            logger.warning("Session %s: agent still running %.0f s after the signal; killing "
+                           "it", self.session_id, GRACE_SECONDS * 2)
+            self.agent.kill()
+
+    async def _stop_proxy(self) -> None:
+        if self.proxy is not None:
+            try:
+                await self.proxy.stop()
+            except Exception:
+                logger.exception("Session %s: stopping the proxy failed", self.session_id)
+            self.proxy = None
+
+    def _teardown(self, exit_code: int) -> str:
+        """Undo everything `_build` did, in reverse; each step is guarded and logged."""
+        status = "incomplete"
+        if self.agent is not None and self.agent.returncode is None:
+            self.agent.kill()
+        if self.context is not None:
+            self.registry.remove(self.context)
+        if self.journal is not None:
+            status = self._close_journal(exit_code)
+        steps = [
+            ("nftables table", lambda: nftables.remove(self.tag)),
+            ("namespace and links", lambda: namespace.remove_objects(self.tag)),
+            ("session files", lambda: shutil.rmtree(self.directory, ignore_errors=True)),
+        ]
+        clean = True
+        for name, step in steps:
+            try:
+                step()
+            except Exception:
+                clean = False
+                logger.exception("Session %s: removing the %s failed", self.session_id, name)
+        if self.lease is not None and clean:
+            self.lease.release()
+        # After a failed step the lease stays in place until this process exits; the next
+        # start then finds the leftovers unheld and removes them.
+        return status
+
+    def _close_journal(self, exit_code: int) -> str:
+        assert self.journal is not None
+        try:
+            self.journal.append_sync({
+                "kind": SESSION_END,
+                "detail": json.dumps({"exit_code": exit_code,
+                                      "duration_seconds": round(time.monotonic()
+                                                                - self.started, 6)}),
+            })
+        except Exception:
+            logger.exception("Session %s: recording the session end failed", self.session_id)
+        self.journal.close()
+        try:
+            return self.store.seal(self.session_id).status
+        except Exception:
+            logger.exception("Session %s: sealing failed; the journal is kept and recovered at "
+                             "the next start", self.session_id)
+            return "unsealed"
+        finally:
+            self.journal.release()
