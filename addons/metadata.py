@@ -39,13 +39,17 @@ class MetadataEmulator:
         self.registry = registry
         self.issued_at: dict[str, float] = {}
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Mark metadata flows as answered locally before egress policy sees them."""
+        if flow.response is None and is_metadata_flow(flow):
+            flow_state(flow)["local"] = "metadata"
+
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not is_metadata_flow(flow):
+        if flow.response is not None or flow_state(flow).get("local") != "metadata":
             return
         context = session_of(self.registry, flow.client_conn)
         if context is None:
             return
-        flow_state(flow)["local"] = "metadata"
         if flow.request.scheme != "http" or flow.server_conn.address[1] != 80:
             flow.response = _text(404, "The metadata server listens on port 80 only.\n")
         elif flow.request.headers.get("metadata-flavor", "").lower() != "google":

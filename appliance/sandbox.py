@@ -6,9 +6,11 @@ environment variable. It builds the agent's confinement and then runs the comman
     sandbox (root)            new mount and PID namespaces, private /etc/hosts and resolv.conf,
      │                        joins the session's network namespace
      └── init (root, PID 1)   fresh /proc, new session without a controlling terminal,
-          │                   forwards SIGINT/SIGTERM/SIGHUP, reaps orphans
+          │                   forwards SIGINT/SIGTERM/SIGHUP to the agent's process group,
+          │                   reaps orphans
           └── agent           the operator's command under /bin/sh -c, as the agent's Unix user,
-                              with no new privileges and a clean environment
+                              in its own process group, with no new privileges and a clean
+                              environment
 
 When the agent command exits, init exits with its status and the kernel kills every process
 left in the PID namespace, so nothing the agent started outlives it. Both root processes die
@@ -68,12 +70,18 @@ def _fail(message: str) -> NoReturn:
     os._exit(126)
 
 
-def _wait_forwarding(child: int) -> int:
-    """Wait for `child`, passing forwarded signals on, and return its exit status as a code."""
+def _wait_forwarding(child: int, group: bool) -> int:
+    """Wait for `child`, passing forwarded signals on, and return its exit status as a code.
+
+    With `group`, signals go to the child's whole process group, as a terminal's Ctrl-C does.
+    """
 
     def forward(signum: int, _frame: Any) -> None:
         try:
-            os.kill(child, signum)
+            if group:
+                os.killpg(child, signum)
+            else:
+                os.kill(child, signum)
         except ProcessLookupError:
             pass
 
@@ -92,6 +100,7 @@ def _wait_forwarding(child: int) -> int:
 def _run_agent(spec: dict[str, Any]) -> NoReturn:
     """Drop to the agent's user and exec its command; never returns."""
     try:
+        os.setpgid(0, 0)
         os.setgroups(spec["groups"])
         os.setgid(spec["gid"])
         os.setuid(spec["uid"])
@@ -115,7 +124,7 @@ def _run_init(spec: dict[str, Any]) -> NoReturn:
     agent = os.fork()
     if agent == 0:
         _run_agent(spec)
-    os._exit(_wait_forwarding(agent))
+    os._exit(_wait_forwarding(agent, group=True))
 
 
 def main() -> NoReturn:
@@ -134,7 +143,7 @@ def main() -> NoReturn:
     init = os.fork()
     if init == 0:
         _run_init(spec)
-    os._exit(_wait_forwarding(init))
+    os._exit(_wait_forwarding(init, group=False))
 
 
 if __name__ == "__main__":

@@ -93,9 +93,7 @@ def operator_name() -> str:
 
 def sweep_stale(config: Config, store: Store) -> None:
     """Remove kernel objects and seal journals left by sessions whose process died."""
-    held = pool.held_tags(config.runtime_dir)
-    stale = (set(namespace.existing_tags()) | set(nftables.existing_tags())) - held
-    for tag in sorted(stale):
+    for tag in pool.abandoned_tags(config.runtime_dir):
         logger.warning("Removing the objects of abandoned session tag %s", tag)
         nftables.remove(tag)
         namespace.remove_objects(tag)
@@ -107,7 +105,14 @@ class Terminated(Exception):
     """SIGTERM arrived while the session was being built or torn down."""
 
 
+_MAIN_PID = os.getpid()
+
+
 def _raise_terminated(signum: int, _frame: object) -> None:
+    # pyroute2's NetNS forks helper processes that inherit this handler and are stopped with
+    # SIGTERM; they must simply exit, not unwind a copy of the session and tear it down.
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)
     raise Terminated(f"received {signal.Signals(signum).name}")
 
 
@@ -189,9 +194,10 @@ class Session:
         finally:
             status = self._teardown(exit_code)
             signal.signal(signal.SIGTERM, previous)
-        assert self.context is not None and self.journal is not None
-        return RunResult(self.session_id, exit_code, self.context.statements,
-                         self.journal.count, time.monotonic() - self.started, status)
+        return RunResult(self.session_id, exit_code,
+                         self.context.statements if self.context else 0,
+                         self.journal.count if self.journal else 0,
+                         time.monotonic() - self.started, status)
 
     async def _run_async(self, account: pwd.struct_passwd) -> int:
         await self._build(account)
@@ -245,6 +251,14 @@ class Session:
         assert self.proxy is not None and self.context is not None
         self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         os.chmod(self.directory.parent, 0o755)
+        for parent in self.directory.parents:
+            if not parent.stat().st_mode & 0o001:
+                raise ConfigError(
+                    f"The agent user cannot reach its session files under {self.directory}, "
+                    f"because {parent} is not searchable by other users (mode "
+                    f"{parent.stat().st_mode & 0o777:o}); set runtime_dir to a directory whose "
+                    "parents all have mode o+x, such as the default /run/appliance."
+                )
         lines = ["127.0.0.1 localhost", "169.254.169.254 metadata.google.internal metadata"]
         lines += [f"{address} {host}" for host, address in sorted(hosts.items())]
         files = {
@@ -302,7 +316,8 @@ class Session:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, self._forward_signal, signum)
         try:
-            return await self.agent.wait()
+            code = await self.agent.wait()
+            return 128 - code if code < 0 else code  # Killed by a signal: shell convention.
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)

@@ -172,7 +172,3 @@ def remove_objects(tag: str) -> list[str]:
         logger.info("Removed %s", ", ".join(removed))
     return removed
 
-
-def existing_tags() -> list[str]:
-    """Return the tags of every session namespace that exists now."""
-    return [name[3:] for name in netns.listnetns() if name.startswith("ap-")]

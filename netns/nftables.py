@@ -89,13 +89,3 @@ def remove(tag: str) -> bool:
     logger.info("Removed nftables table inet %s", name)
     return True
 
-
-def existing_tags() -> list[str]:
-    """Return the tags of every session table present now."""
-    result = _nft(["list", "tables", "inet"])
-    tags = []
-    for line in result.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[2].startswith("appliance_"):
-            tags.append(parts[2][len("appliance_"):])
-    return tags

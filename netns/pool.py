@@ -11,8 +11,11 @@ import fcntl
 import ipaddress
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+
+from pyroute2 import IPRoute
 
 from appliance.errors import NetworkSetupError
 
@@ -56,7 +59,10 @@ def lease(pool: ipaddress.IPv4Network, runtime_dir: Path, tag: str) -> Lease:
     NetworkSetupError when every /30 is in use.
     """
     directory = lock_directory(runtime_dir)
+    in_use = _addresses_on_host()
     for subnet in pool.subnets(new_prefix=30):
+        if any(address in subnet for address in in_use):
+            continue  # Another program (or a store with another runtime_dir) uses it.
         path = directory / f"{subnet.network_address}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -74,17 +80,32 @@ def lease(pool: ipaddress.IPv4Network, runtime_dir: Path, tag: str) -> Lease:
     )
 
 
-def held_tags(runtime_dir: Path) -> set[str]:
-    """Return the session tags whose lease a running process holds now."""
-    held = set()
+def _addresses_on_host() -> list[ipaddress.IPv4Address]:
+    """Return every IPv4 address configured on a link of the host namespace."""
+    with IPRoute() as ipr:
+        return [ipaddress.IPv4Address(message.get("IFA_ADDRESS"))
+                for message in ipr.get_addr(family=socket.AF_INET)]
+
+
+def abandoned_tags(runtime_dir: Path) -> list[str]:
+    """Return the session tags of leases whose process died before a clean teardown.
+
+    Only leases of this runtime directory are looked at, so objects of sessions that another
+    appliance (with another runtime directory) runs are never touched. A returned lease is
+    emptied, since its caller removes that session's kernel objects.
+    """
+    tags = []
     for path in sorted(lock_directory(runtime_dir).glob("*.lock")):
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            continue  # A running session holds it.
+        else:
             tag = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
             if tag:
-                held.add(tag)
+                tags.append(tag)
+                os.ftruncate(fd, 0)
         finally:
             os.close(fd)
-    return held
+    return tags
