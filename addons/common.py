@@ -18,6 +18,7 @@ RECORDED_HEADERS = ("user-agent", "x-goog-api-client", "x-goog-user-project",
                     "x-allowed-locations", "content-type", "content-encoding")
 
 METADATA_KEY = "appliance"
+AUTHORIZATION_SCHEMES = frozenset({"bearer", "basic", "negotiate", "digest"})
 
 
 def session_of(registry: Registry, client: connection.Client) -> SessionContext | None:
@@ -46,12 +47,16 @@ def credential_of(request: http.Request) -> str | None:
     """Describe the credential a request carries as `kind:fingerprint`, never the secret."""
     authorization = request.headers.get("authorization")
     if authorization:
-        scheme, _, value = authorization.partition(" ")
-        return f"{scheme.lower() or 'unknown'}:{fingerprint(value.strip())}"
-    for name in ("x-goog-api-key", "key"):
-        value = request.headers.get(name) or (request.query.get(name) if name == "key" else None)
-        if value:
-            return f"api-key:{fingerprint(value)}"
+        scheme, separator, value = authorization.strip().partition(" ")
+        if separator and scheme.lower() in AUTHORIZATION_SCHEMES:
+            return f"{scheme.lower()}:{fingerprint(value.strip())}"
+        return f"unknown:{fingerprint(authorization.strip())}"
+    for name in ("access_token", "oauth_token"):
+        if request.query.get(name):
+            return f"bearer:{fingerprint(request.query[name])}"
+    value = request.headers.get("x-goog-api-key") or request.query.get("key")
+    if value:
+        return f"api-key:{fingerprint(value)}"
     return None
 
 

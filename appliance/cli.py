@@ -151,9 +151,9 @@ def sessions_replay(
             f"{f', job {row['job_id']}' if row['job_id'] else ''}", highlight=False)
         if row["sql"]:
             stdout.print("    " + row["sql"].replace("\n", "\n    "), highlight=False)
-        elif row["project"]:
-            target = ".".join(str(p) for p in (row["project"], row.get("location")) if p)
-            stdout.print(f"    {target}", highlight=False)
+        elif row["target"]:
+            inserted = f" ({row['rows_inserted']} rows sent)" if row["rows_inserted"] else ""
+            stdout.print(f"    {row['target']}{inserted}", highlight=False)
     if others.rows:
         stdout.print(f"Other events ({len(others.rows)}):", highlight=False)
         for row in others.records():

@@ -102,6 +102,9 @@ def load(path: Path | None) -> Config:
         return Config()
     except OSError as error:
         raise ConfigError(f"Cannot read configuration file {path}: {error.strerror}.") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"Configuration file {path} is not valid UTF-8 (byte {error.start}); "
+                          "save it as UTF-8.") from error
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -251,6 +254,8 @@ def _hosts(value: Any, where: str) -> dict[str, str]:
         if not isinstance(name, str) or not _HOST_PATTERN.match(name) or "*" in name:
             raise ConfigError(f"{where}: network.hosts key {name!r} is not a host name.")
         try:
+            if not isinstance(address, str):
+                raise ValueError("not a string")
             result[name.lower()] = str(ipaddress.IPv4Address(address))
         except ValueError:
             raise ConfigError(f"{where}: network.hosts.{name} {address!r} is not an IPv4 "

@@ -5,7 +5,8 @@ Each line is one event, encoded canonically (sorted keys, no spaces, UTF-8) and 
 (SHA-256 over `prev_hash` and the canonical event without `hash`). An edit, deletion or
 reordering of lines breaks the chain; a final line without its newline is a torn write.
 
-Writes go through one writer thread that batches whatever is queued into a single write and
+The file holds an exclusive flock from creation until `release`, which tells recovery that its
+process is alive. Writes go through one writer thread that batches whatever is queued into a single write and
 fsync (group commit), so concurrent requests share fsyncs. `append` resolves only after the
 event's fsync returned: record before forward. After any write failure the journal refuses
 every later append, because the chain on disk may end in a torn record.
@@ -63,11 +64,17 @@ class Journal:
         self._seq = 0
         self._last_hash = genesis_hash(session_id)
         self._failure: str | None = None
+        self._closing = False
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+            # Locked before it gets its final name, so recovery in another process never
+            # mistakes a journal being created for one whose process died.
+            partial = path.with_suffix(".creating")
+            self._fd = os.open(partial, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
                                | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(partial, path)
             _fsync_directory(path.parent)
         except OSError as error:
             raise StoreError(f"Cannot create journal {path}: {error.strerror}. Check that the "
@@ -132,7 +139,7 @@ class Journal:
                 return
 
     def _write_batch(self, batch: list[_Pending]) -> None:
-        if self._failure is None:
+        if self._failure is None or self._closing:
             data = b"".join(p.line for p in batch)
             try:
                 written = 0
@@ -141,6 +148,7 @@ class Journal:
                 os.fsync(self._fd)
             except OSError as error:
                 with self._lock:
+                    self._closing = False
                     self._failure = (
                         f"Writing journal {self.path} failed: {error.strerror}. The recording "
                         "is stopped and no further request is forwarded; free disk space or fix "
@@ -148,23 +156,24 @@ class Journal:
                     )
                 logger.error("Session %s: %s", self.session_id, self._failure)
         for pending in batch:
-            if self._failure is None:
+            if self._failure is None or self._closing:
                 pending.future.set_result(None)
             else:
                 pending.future.set_exception(RecordingFailed(self._failure))
 
-    def lock(self) -> None:
-        """Take the liveness lock that tells recovery this journal's process is alive."""
-        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
     def close(self) -> None:
-        """Flush what is queued and stop writing; the file and its lock stay open."""
-        if self._writer.is_alive():
-            self._queue.put(None)
-            self._writer.join()
-        with self._lock:
-            self._failure = self._failure or f"Journal {self.path} is closed."
+        """Flush what is queued and stop writing; the file and its lock stay open.
 
+        An append racing with close either lands before the stop marker or raises
+        RecordingFailed; it never waits forever.
+        """
+        with self._lock:
+            if self._failure is None:
+                self._failure = f"Journal {self.path} is closed."
+                self._closing = True
+            if self._writer.is_alive():
+                self._queue.put(None)
+        self._writer.join()
     def release(self) -> None:
         """Close the file, which drops the liveness lock."""
         if self._fd >= 0:

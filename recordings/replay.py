@@ -15,9 +15,9 @@ SESSION_COLUMNS = ("session_id", "agent", "principal", "unix_user", "operator", 
                    "command", "started_at", "ended_at", "status", "exit_code", "statements",
                    "events")
 STATEMENT_COLUMNS = ("statement_index", "statement_id", "requested_at", "responded_at",
-                     "api_method", "project", "location", "job_id", "statement_type", "dry_run",
-                     "outcome", "error_reason", "error_message", "bytes_processed",
-                     "rows_affected", "rows_returned", "sql", "parameters")
+                     "api_method", "project", "location", "job_id", "target", "statement_type",
+                     "dry_run", "outcome", "error_reason", "error_message", "bytes_processed",
+                     "rows_affected", "rows_returned", "rows_inserted", "sql", "parameters")
 
 
 @dataclass

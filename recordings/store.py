@@ -92,10 +92,8 @@ class Store:
         return self.journal_dir / f"{session_id}.jsonl"
 
     def open_journal(self, session_id: str) -> Journal:
-        """Create the session's journal and hold its liveness lock until the journal closes."""
-        journal = Journal(self.journal_path(session_id), session_id)
-        journal.lock()
-        return journal
+        """Create the session's journal, locked as live until it is released."""
+        return Journal(self.journal_path(session_id), session_id)
 
     def live_journals(self) -> list[Path]:
         return sorted(self.journal_dir.glob("*.jsonl")) if self.journal_dir.is_dir() else []
@@ -150,7 +148,7 @@ class Store:
         recovery = {
             "kind": SESSION_RECOVERED,
             "session_id": session_id,
-            "seq": len(events),
+            "seq": events[-1]["seq"] + 1 if events else 0,
             "ts_ns": _now_ns(),
             "detail": json.dumps(detail, sort_keys=True),
             "prev_hash": previous,
@@ -215,6 +213,8 @@ class Store:
             try:
                 if write:
                     _migrate(connection)
+                else:
+                    _check_version(connection)
                 yield connection
             finally:
                 connection.close()
@@ -245,14 +245,19 @@ class Store:
                     connection.execute("SELECT file FROM session_index").fetchall()]
 
 
-def _migrate(connection: duckdb.DuckDBPyConnection) -> None:
-    connection.execute("CREATE TABLE IF NOT EXISTS store_meta (key VARCHAR PRIMARY KEY, "
-                       "value VARCHAR)")
+def _check_version(connection: duckdb.DuckDBPyConnection) -> None:
+    """Reject a store written by a newer appliance, whose layout this one cannot read."""
     row = connection.execute("SELECT value FROM store_meta WHERE key = 'schema_version'") \
         .fetchone()
     if row is not None and int(row[0]) > SCHEMA_VERSION:
         raise StoreError(f"The store has schema version {row[0]}, newer than this appliance "
                          f"understands ({SCHEMA_VERSION}); upgrade the appliance.")
+
+
+def _migrate(connection: duckdb.DuckDBPyConnection) -> None:
+    connection.execute("CREATE TABLE IF NOT EXISTS store_meta (key VARCHAR PRIMARY KEY, "
+                       "value VARCHAR)")
+    _check_version(connection)
     connection.execute(
         "CREATE TABLE IF NOT EXISTS session_index (session_id VARCHAR PRIMARY KEY, "
         "date VARCHAR, file VARCHAR, events BIGINT, status VARCHAR, last_hash VARCHAR, "
@@ -271,7 +276,9 @@ def _status_of(events: list[dict[str, Any]]) -> str:
 
 def _write_parquet(events: list[dict[str, Any]], target: Path) -> None:
     """Write events, each with its canonical `record`, to `target` atomically."""
-    with tempfile.NamedTemporaryFile("wb", dir=target.parent, suffix=".jsonl",
+    # The rows file sits beside the partition folders, not in one, so DuckDB's hive-partition
+    # detection does not add a `date` column from its path.
+    with tempfile.NamedTemporaryFile("wb", dir=target.parent.parent, suffix=".jsonl",
                                      delete=False) as rows:
         for event in events:
             row = {column: event.get(column) for column in EVENT_COLUMNS}
@@ -284,7 +291,8 @@ def _write_parquet(events: list[dict[str, Any]], target: Path) -> None:
         try:
             connection.execute(
                 f"COPY (SELECT * FROM read_json(?, columns={{{columns}}}, "
-                "format='newline_delimited', maximum_object_size=1073741824) ORDER BY seq) "
+                "format='newline_delimited', hive_partitioning=false, "
+                "maximum_object_size=1073741824) ORDER BY seq) "
                 "TO '" + str(partial).replace("'", "''") + "' (FORMAT parquet, "
                 "COMPRESSION zstd)",
                 [rows.name],

@@ -100,6 +100,8 @@ WITH folded AS (
         arg_max(bytes_processed, seq) FILTER (bytes_processed IS NOT NULL) AS bytes_processed,
         arg_max(rows_affected, seq) FILTER (rows_affected IS NOT NULL) AS rows_affected,
         sum(rows_returned) FILTER (kind = 'response') AS rows_returned,
+        arg_min(CAST(json_extract(detail, '$.bigquery.row_count') AS BIGINT), seq)
+            FILTER (kind = 'request') AS rows_inserted,
         make_timestamp(min(ts_ns) FILTER (kind = 'request') // 1000) AS requested_at,
         make_timestamp(max(ts_ns) FILTER (kind = 'response') // 1000) AS responded_at,
         count(*) FILTER (kind = 'request') AS requests
@@ -123,6 +125,7 @@ SELECT
     f.job_id,
     f.dataset_id,
     f.table_id,
+    nullif(concat_ws('.', f.project, f.dataset_id, f.table_id), '') AS target,
     f.statement_type,
     f.dry_run,
     coalesce(f.final.outcome, 'unknown') AS outcome,
@@ -131,6 +134,7 @@ SELECT
     f.bytes_processed,
     f.rows_affected,
     f.rows_returned,
+    f.rows_inserted,
     f.requested_at,
     f.responded_at,
     f.requests,

@@ -317,9 +317,6 @@ def test_append_after_close_raises(journal: Journal) -> None:
         journal.append_sync({"kind": "request"})
 
 
-@pytest.mark.xfail(strict=True, reason="close() enqueues the writer's stop marker before it "
-                   "marks the journal closed, so an append in between is queued behind the "
-                   "marker and its future never resolves")
 def test_append_during_close_fails(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
     real_fsync = os.fsync
     release = threading.Event()
