@@ -26,8 +26,9 @@ import yaml
 from testbed.cloud import Cloud
 
 REPO = Path(__file__).resolve().parents[2]
-CLOUD_SUBNET = "198.19.64.0/24"
-SESSION_POOL = "198.18.64.0/20"
+# Overridable so that several test runs on one machine use disjoint addresses.
+CLOUD_SUBNET = os.environ.get("APPLIANCE_TEST_CLOUD_SUBNET", "198.19.64.0/24")
+SESSION_POOL = os.environ.get("APPLIANCE_TEST_SESSION_POOL", "198.18.64.0/20")
 AGENT_USER = "appliance-agent"
 
 
