@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -360,7 +361,7 @@ class Session:
             self.registry.remove(self.context)
         if self.journal is not None:
             status = self._close_journal(exit_code)
-        steps = [
+        steps: list[tuple[str, Callable[[], object]]] = [
             ("nftables table", lambda: nftables.remove(self.tag)),
             ("namespace and links", lambda: namespace.remove_objects(self.tag)),
             ("session files", lambda: shutil.rmtree(self.directory, ignore_errors=True)),
