@@ -12,23 +12,29 @@ UPSTREAM_PYTHON ?= $(shell scripts/find-python 3.13 3.13)
 AGENT_PYTHON ?= /usr/bin/python3
 AGENT_VENV ?= /opt/appliance-agent-venv
 AGENT_USER ?= appliance-agent
+# The Node.js agent client (@google-cloud/bigquery), for e2e tests of the Node client library.
+AGENT_NODE ?= /opt/appliance-agent-node
 
 VENV := .venv
 UPSTREAM_VENV := .venv-upstream
 STAMP_VENV := $(VENV)/.installed
 STAMP_UPSTREAM := $(UPSTREAM_VENV)/.installed
 STAMP_AGENT := $(AGENT_VENV)/.installed
+STAMP_AGENT_NODE := $(AGENT_NODE)/.installed
 APT_PACKAGES := nftables iproute2 python3-venv
 
 export APPLIANCE_UPSTREAM_PYTHON := $(CURDIR)/$(UPSTREAM_VENV)/bin/python
 export APPLIANCE_AGENT_PYTHON := $(AGENT_VENV)/bin/python
+export APPLIANCE_AGENT_NODE_PATH := $(AGENT_NODE)/node_modules
 
-.PHONY: help system-deps venv upstream-venv agent-venv agent-user deps demo test clean
+.PHONY: help system-deps venv upstream-venv agent-venv agent-node agent-user deps demo test clean
 
 help:
 	@echo "make demo   run the example agent in a recorded session against the local upstream"
 	@echo "make test   run the test suite (as root)"
 	@echo "make deps   only install what demo and test need"
+	@echo "make install    install the appliance for production use (scripts/install.sh)"
+	@echo "make uninstall  remove it again; PURGE=1 also deletes configuration, keys and store"
 
 system-deps:
 	@if ! command -v nft >/dev/null || ! dpkg -s python3-venv >/dev/null 2>&1; then \
@@ -61,15 +67,24 @@ $(STAMP_AGENT): examples/requirements.txt
 	chmod -R a+rX $(AGENT_VENV)
 	touch $@
 
+# Skipped with a message where npm is missing; the Node client's e2e test then skips too.
+$(STAMP_AGENT_NODE): examples/node/package.json
+	@if command -v npm >/dev/null; then \
+	    mkdir -p $(AGENT_NODE) && cp examples/node/package.json $(AGENT_NODE)/ && \
+	    npm install --prefix $(AGENT_NODE) --no-audit --no-fund --omit=dev --loglevel=error && \
+	    chmod -R a+rX $(AGENT_NODE) && touch $@; \
+	else echo "npm not found: the Node.js agent client is not installed" >&2; fi
+
 venv: $(STAMP_VENV)
 upstream-venv: $(STAMP_UPSTREAM)
 agent-venv: $(STAMP_AGENT)
+agent-node: $(STAMP_AGENT_NODE)
 
 agent-user:
 	@id -u $(AGENT_USER) >/dev/null 2>&1 || \
 	    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $(AGENT_USER)
 
-deps: system-deps venv upstream-venv agent-venv agent-user
+deps: system-deps venv upstream-venv agent-venv agent-node agent-user
 
 demo: deps
 	$(VENV)/bin/python -m testbed.demo
@@ -79,3 +94,21 @@ test: deps
 
 clean:
 	rm -rf $(VENV) $(UPSTREAM_VENV) $(AGENT_VENV)
+
+# Production install: one venv under /opt/appliance, `appliance` on PATH, the agent user,
+# /etc/appliance, the store and keys. The Vagrant VM provisions with the same script.
+.PHONY: install uninstall
+install:
+	PYTHON="$(PYTHON)" scripts/install.sh install
+
+uninstall:
+	PURGE="$(PURGE)" scripts/install.sh uninstall
+
+# Benchmarks: rewrites docs/benchmarks.md from one run of bench/run_all.py (about an hour).
+# Not tests: neither `make test` nor CI runs them.
+.PHONY: bench
+bench: deps
+	@command -v jq >/dev/null || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq; }
+	@test -x $(VENV)/bin/py-spy || $(VENV)/bin/pip install -q -e '.[test,bench]'
+	$(VENV)/bin/python bench/run_all.py

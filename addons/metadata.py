@@ -1,8 +1,12 @@
 """Emulate the GCE metadata server for the agent, so unmodified clients find credentials.
 
 Requests to 169.254.169.254:80 or metadata.google.internal are answered here and never leave
-the appliance. The token served is the session's placeholder, which is worthless outside the
-session; nothing real is ever served.
+the appliance. As on GCE, a request needs `Metadata-Flavor: Google` and must not carry
+`X-Forwarded-For`. The token served is the session's placeholder, which is worthless outside
+the session and which the credential substitution addon replaces by the real token on the way
+to Google; the email served is the principal that real token belongs to. Nothing real is ever
+served. ID tokens (`identity`) are not issued: an agent has nothing to present one to through
+the recorder.
 """
 
 from __future__ import annotations
@@ -55,12 +59,15 @@ class MetadataEmulator:
         elif flow.request.headers.get("metadata-flavor", "").lower() != "google":
             flow.response = _text(403, "Missing required header \"Metadata-Flavor\": "
                                        "\"Google\"\n")
+        elif "x-forwarded-for" in flow.request.headers:
+            flow.response = _text(403, "Request had an X-Forwarded-For header and was "
+                                       "rejected.\n")
         else:
             flow.response = self._answer(context, flow.request.path)
 
     def _answer(self, context: SessionContext, full_path: str) -> http.Response:
         path, _, query = full_path.partition("?")
-        account = context.profile.principal or "default"
+        account = _account(context)
         if path in ("", "/"):
             return _text(200, "computeMetadata/\n")
         if path in ("/computeMetadata", "/computeMetadata/"):
@@ -73,12 +80,17 @@ class MetadataEmulator:
         if key == "project/project-id":
             return _text(200, project) if project else _text(404, "Not found\n")
         if key == "project/numeric-project-id":
-            return _text(404, "Not found\n")
+            number = context.profile.project_number
+            return _text(200, number) if number else _text(404, "Not found\n")
+        if key == "project":
+            return _text(200, "numeric-project-id\nproject-id\n")
+        if key == "universe/universe-domain":
+            return _text(200, "googleapis.com")
         if key == "instance/service-accounts":
             return _text(200, f"default/\n{account}/\n")
         if key in ("instance/service-accounts/default", f"instance/service-accounts/{account}"):
             if "recursive=true" not in query:
-                return _text(200, "aliases\nemail\nidentity\nscopes\ntoken\n")
+                return _text(200, "aliases\nemail\nscopes\ntoken\n")
             return _json({"aliases": ["default"], "email": account,
                           "scopes": list(DEFAULT_SCOPES)})
         for alias in ("default", account):
@@ -101,7 +113,17 @@ class MetadataEmulator:
                 PLACEHOLDER_LIFETIME_SECONDS
             return _json({"access_token": context.placeholder_token, "expires_in": remaining,
                           "token_type": "Bearer"})
+        if field == "identity":
+            return _text(404, "ID tokens are not issued inside a recorded session.\n")
         return _text(404, "Not found\n")
+
+
+def _account(context: SessionContext) -> str:
+    """The email the agent sees: the real token's principal when it is a service account."""
+    for candidate in (context.principal, context.profile.principal):
+        if candidate and "@" in candidate and "/" not in candidate:
+            return candidate
+    return "default"
 
 
 def _headers(content_type: str) -> dict[str, str]:

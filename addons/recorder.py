@@ -23,7 +23,7 @@ from appliance.addons.common import (
     session_of,
     to_json,
 )
-from appliance.bigquery import rest
+from appliance.bigquery import pages, rest
 from appliance.context import Registry
 from appliance.errors import RecordingFailed
 from appliance.recordings.schema import BLOCKED, CONNECTION, FLOW_ERROR, REQUEST, RESPONSE
@@ -32,10 +32,16 @@ logger = logging.getLogger(__name__)
 
 # RequestInfo and ResponseInfo fields that have a column of their own.
 _REQUEST_COLUMNS = ("api", "api_method", "project", "location", "job_id", "dataset_id",
-                    "table_id", "sql", "dry_run")
+                    "table_id", "sql", "dry_run", "job_type", "parent_job_id", "bq_session_id",
+                    "source_format", "write_disposition", "upload_bytes", "destructive")
 _RESPONSE_COLUMNS = ("project", "location", "job_id", "statement_type", "outcome",
                      "error_reason", "error_message", "bytes_processed", "rows_affected",
-                     "rows_returned")
+                     "rows_returned", "job_type", "parent_job_id", "bq_session_id",
+                     "ddl_operation", "ddl_target", "bytes_billed", "slot_ms", "cache_hit",
+                     "destructive")
+# Fields holding lists or objects, written to their column as JSON text.
+_REQUEST_JSON_COLUMNS = ("parameters", "source_uris", "destination_uris", "source_tables")
+_RESPONSE_JSON_COLUMNS = ("dml_stats",)
 
 
 def _nanoseconds(timestamp: float | None) -> int | None:
@@ -56,7 +62,7 @@ def request_event(flow: http.HTTPFlow) -> dict[str, Any]:
         "host": request.pretty_host,
         "method": request.method,
         "path": redacted_path(request.path),
-        "request_bytes": len(request.raw_content or b""),
+        "request_bytes": _request_bytes(request, state),
         "credential": credential_of(request),
     }
     detail: dict[str, Any] = {
@@ -67,6 +73,8 @@ def request_event(flow: http.HTTPFlow) -> dict[str, Any]:
     }
     if state.get("blocked"):
         detail["reason"] = state["blocked"]
+    if state.get("process") is not None:
+        detail["process"] = state["process"]  # Found by the attribution addon.
     if state.get("local"):
         event["api"] = "gce.metadata"
     info = state.get("request_info")
@@ -74,10 +82,22 @@ def request_event(flow: http.HTTPFlow) -> dict[str, Any]:
         fields = info.as_record()
         for column in _REQUEST_COLUMNS:
             event[column] = fields.pop(column, None)
-        event["parameters"] = to_json(fields.pop("parameters", None))
+        for column in _REQUEST_JSON_COLUMNS:
+            event[column] = to_json(fields.pop(column, None))
+        event["parent_job_id"] = state.get("child_of") or event["parent_job_id"]
         detail["bigquery"] = {key: value for key, value in fields.items() if value is not None}
+        if state.get("job_label"):
+            detail["job_label_added"] = state["job_label"]
     event["detail"] = json.dumps(detail, sort_keys=True, ensure_ascii=False)
     return event
+
+
+def _request_bytes(request: http.Request, state: dict[str, Any]) -> int | None:
+    """Return the body size; a streamed chunk is recorded before its body, from its headers."""
+    if "streamed_request" not in state:
+        return len(request.raw_content or b"")
+    length = request.headers.get("content-length", "")
+    return int(length) if length.isdigit() else None
 
 
 def response_event(flow: http.HTTPFlow) -> dict[str, Any]:
@@ -110,9 +130,39 @@ def response_event(flow: http.HTTPFlow) -> dict[str, Any]:
         fields = dataclasses.asdict(info)
         for column in _RESPONSE_COLUMNS:
             event[column] = fields.pop(column, None)
+        for column in _RESPONSE_JSON_COLUMNS:
+            event[column] = to_json(fields.pop(column, None))
+        rows = fields.pop("rows", None)
+        if isinstance(request_info, rest.RequestInfo):
+            event["parent_job_id"] = (state.get("child_of") or event["parent_job_id"]
+                                      or request_info.parent_job_id)
         detail["bigquery"] = {key: value for key, value in fields.items() if value is not None}
+        if rows is not None:
+            # Only with the profile's record_result_rows option; off by default.
+            detail["result_rows"] = rows
+    _add_transfer_fields(event, detail, state)
     event["detail"] = json.dumps(detail, sort_keys=True, ensure_ascii=False)
     return event
+
+
+def _add_transfer_fields(event: dict[str, Any], detail: dict[str, Any],
+                         state: dict[str, Any]) -> None:
+    """Add what was counted while the body streamed: result page digest and sizes, upload size."""
+    page = state.get("page")
+    if isinstance(page, pages.PageSummary):
+        if "page_digest" in state:
+            event["response_bytes"] = page.wire_bytes
+        event["result_bytes"] = page.body_bytes
+        event["result_digest"] = page.digest
+        detail["result_digest_of"] = page.digest_of
+        detail["streamed"] = "page_digest" in state
+        if page.error:
+            detail["page_error"] = page.error
+    counter = state.get("streamed_request")
+    if counter is not None:
+        detail["upload_bytes_streamed"] = getattr(counter, "count", None)
+    if state.get("transient"):
+        event["transient"] = True
 
 
 def _fail_closed(flow: http.HTTPFlow, error: RecordingFailed) -> None:
@@ -133,9 +183,21 @@ class Recorder:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Record a streamed request (a resumable upload chunk) before its body is forwarded."""
+        state = flow_state(flow)
+        if "streamed_request" not in state or flow.response is not None:
+            return
+        await self.request(flow)
+        state["recorded_early"] = True
+        if state.get("unrecorded"):
+            flow.request.stream = False
+
     async def request(self, flow: http.HTTPFlow) -> None:
+        if flow_state(flow).get("recorded_by"):
+            return  # The addon named there records this flow itself (addons/storage.py).
         context = session_of(self.registry, flow.client_conn)
-        if context is None:
+        if context is None or flow_state(flow).get("recorded_early"):
             return
         try:
             await context.journal.append(request_event(flow))
@@ -146,6 +208,8 @@ class Recorder:
             flow_state(flow)["unrecorded"] = True
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        if flow_state(flow).get("recorded_by"):
+            return  # The addon named there records this flow itself (addons/storage.py).
         context = session_of(self.registry, flow.client_conn)
         state = flow_state(flow)
         if context is None or flow.response is None or state.get("blocked") \
@@ -158,6 +222,8 @@ class Recorder:
                          flow.id, error)
 
     async def error(self, flow: http.HTTPFlow) -> None:
+        if flow_state(flow).get("recorded_by"):
+            return  # The addon named there records this flow itself (addons/storage.py).
         context = session_of(self.registry, flow.client_conn)
         if context is None or flow.error is None:
             return
@@ -200,7 +266,9 @@ class Recorder:
             "host": flow.client_conn.sni,
             "request_bytes": sent,
             "response_bytes": received,
-            "detail": json.dumps({"error": flow.error.msg if flow.error else None}),
+            "detail": json.dumps({"error": flow.error.msg if flow.error else None,
+                                  "process": flow.metadata.get("appliance", {}).get("process")},
+                                 sort_keys=True),
         })
 
     @staticmethod

@@ -3,7 +3,8 @@
 Data goes to stdout (tables for people, `--json` or `--csv` for machines); messages go to
 stderr. Exit codes: 0 success; for `run`, the agent command's own exit code; 1 unexpected
 error; 2 invalid configuration or arguments; 3 missing privilege or kernel feature; 4 network
-or proxy setup failed; 5 store error; 6 session not found.
+or proxy setup failed; 5 store error; 6 session not found; 7 a recording failed its
+integrity check (sessions show); 8 a doctor check failed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance import config as config_module
+from appliance.commands import ca, doctor, sessions_extra
+from appliance.commands import store as store_commands, verify as verify_commands
+from appliance.commands import reconcile as reconcile_commands
 from appliance.errors import ApplianceError, ConfigError
 
 app = typer.Typer(help="Record what AI agents do to Google BigQuery.", no_args_is_help=True,
@@ -52,6 +56,15 @@ def main_options(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # mitmproxy logs every connection at INFO; keep it quieter than the appliance's own lines.
     logging.getLogger("mitmproxy").setLevel(max(level, logging.WARNING))
+    # pyroute2 and asyncio log every netlink message and loop step at DEBUG, and pyroute2
+    # resets its logger's level when imported, so their lines are filtered at the handler.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_libraries)
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not record.name.startswith(("pyroute2",
+                                                                             "asyncio"))
 
 
 @app.command()
@@ -144,6 +157,7 @@ def sessions_replay(
         outcome = row["outcome"] if row["outcome"] != "error" else \
             f"error ({row['error_reason']}: {row['error_message']})"
         stdout.print(
+            f"{'!! DESTRUCTIVE ' if row.get('destructive') else ''}"
             f"#{row['statement_index']} {replay.plain(row['requested_at'])} "
             f"{row['api_method']} {row['statement_type'] or ''} "
             f"{'[dry run] ' if row['dry_run'] else ''}-> {outcome}"
@@ -199,6 +213,15 @@ def _render(columns: list[str], rows: list[tuple[Any, ...]], as_json: bool,
     for row in rows:
         table.add_row(*["" if v is None else str(plain(v)) for v in row])
     stdout.print(table)
+
+
+app.add_typer(ca.app, name="ca")
+app.command("doctor")(doctor.doctor)
+sessions_app.command("show")(sessions_extra.show)
+sessions_app.command("tail")(sessions_extra.tail)
+sessions_app.command("verify")(verify_commands.verify)
+sessions_app.command("reconcile")(reconcile_commands.reconcile)
+app.add_typer(store_commands.app, name="store")
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,41 @@ DEFAULT_ALLOW_HOSTS = (
     "iamcredentials.googleapis.com",
 )
 
+# The keys each section accepts; anything else is rejected at load. docs/configuration.md
+# documents every one, and tests/docs/test_docs_coverage.py reads these sets to check that.
+TOP_LEVEL_KEYS = frozenset({"store", "runtime_dir", "proxy", "network", "default_agent", "agents"})
+STORE_KEYS = frozenset({"path", "signing_key", "retention_days"})
+PROXY_KEYS = frozenset({"port", "ca_dir", "upstream_ca_file"})
+NETWORK_KEYS = frozenset({"pool", "hosts"})
+PROFILE_KEYS = frozenset({"project", "principal", "user", "allow_hosts"})
+# Keys of the BigQuery recording options of a profile, accepted beside PROFILE_KEYS.
+BIGQUERY_PROFILE_KEYS = frozenset({"record_result_rows", "job_label_key"})
+DEFAULT_JOB_LABEL_KEY = "appliance-session"
+# Keys of the credential options of a profile, accepted beside PROFILE_KEYS, and of its
+# `credentials` mapping. docs/credentials.md explains each source.
+CREDENTIAL_PROFILE_KEYS = frozenset({"credentials", "allow_foreign_credentials", "project_number"})
+CREDENTIALS_KEYS = frozenset({"source", "file", "target_principal", "delegates", "scopes"})
+CREDENTIAL_SOURCES = ("adc", "impersonate", "external_account", "service_account_key",
+                      "authorized_user")
+_EMAIL = re.compile(r"^[^@\s/]+@[^@\s/]+\.[^@\s/]+$")
+# BigQuery label keys: lowercase letters, digits, '_' and '-', starting with a letter.
+_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _HOST_PATTERN = re.compile(r"^(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$|^\*$")
 _UNIX_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class CredentialsConfig:
+    """Where the real token of a profile's principal comes from (docs/credentials.md)."""
+
+    source: str = "adc"
+    file: Path | None = None
+    target_principal: str | None = None
+    delegates: tuple[str, ...] = ()
+    # None: cloud-platform, except for authorized_user, whose refresh token keeps its grant.
+    scopes: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +77,14 @@ class AgentProfile:
     principal: str | None = None
     user: str = DEFAULT_AGENT_USER
     allow_hosts: tuple[str, ...] = DEFAULT_ALLOW_HOSTS
+    # Off by default: a recording proves what was returned by digests, without the rows.
+    record_result_rows: bool = False
+    # None turns the label off.
+    job_label_key: str | None = DEFAULT_JOB_LABEL_KEY
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+    # Off by default: a request with a credential other than the placeholder is refused.
+    allow_foreign_credentials: bool = False
+    project_number: str | None = None
 
     def allows_host(self, host: str) -> bool:
         """Tell whether the egress allowlist admits `host` (exact, `*.suffix` or `*`)."""
@@ -62,6 +102,10 @@ class Config:
     """The whole configuration, with defaults filled in."""
 
     store_path: Path = Path("/var/lib/appliance")
+    # The Ed25519 key that signs the store's digests; kept outside the store, private to root.
+    signing_key: Path = Path("/etc/appliance/signing-key.pem")
+    # Sealed sessions older than this are removed by 'appliance store prune'; None keeps all.
+    retention_days: int | None = None
     runtime_dir: Path = Path("/run/appliance")
     ca_dir: Path = Path("/etc/appliance/ca")
     proxy_port: int = 15001
@@ -116,15 +160,14 @@ def parse(data: Any, source: Path | None = None) -> Config:
     """Validate a decoded YAML document and build the configuration from it."""
     where = str(source) if source else "configuration"
     root = _mapping(data, "(top level)", where)
-    _reject_unknown(root, {"store", "runtime_dir", "proxy", "network", "default_agent", "agents"},
-                    "", where)
+    _reject_unknown(root, TOP_LEVEL_KEYS, "", where)
 
     store = _mapping(root.get("store", {}), "store", where)
-    _reject_unknown(store, {"path"}, "store.", where)
+    _reject_unknown(store, STORE_KEYS, "store.", where)
     proxy = _mapping(root.get("proxy", {}), "proxy", where)
-    _reject_unknown(proxy, {"port", "ca_dir", "upstream_ca_file"}, "proxy.", where)
+    _reject_unknown(proxy, PROXY_KEYS, "proxy.", where)
     network = _mapping(root.get("network", {}), "network", where)
-    _reject_unknown(network, {"pool", "hosts"}, "network.", where)
+    _reject_unknown(network, NETWORK_KEYS, "network.", where)
 
     defaults = Config()
     agents = _parse_agents(root.get("agents"), where)
@@ -137,6 +180,9 @@ def parse(data: Any, source: Path | None = None) -> Config:
     upstream_ca = proxy.get("upstream_ca_file")
     return Config(
         store_path=_absolute_path(store.get("path", defaults.store_path), "store.path", where),
+        signing_key=_absolute_path(store.get("signing_key", defaults.signing_key),
+                                   "store.signing_key", where),
+        retention_days=_retention_days(store.get("retention_days"), where),
         runtime_dir=_absolute_path(root.get("runtime_dir", defaults.runtime_dir), "runtime_dir",
                                    where),
         ca_dir=_absolute_path(proxy.get("ca_dir", defaults.ca_dir), "proxy.ca_dir", where),
@@ -171,7 +217,8 @@ def _parse_agents(value: Any, where: str) -> dict[str, AgentProfile]:
 def _parse_profile(name: str, value: Any, where: str) -> AgentProfile:
     prefix = f"agents.{name}."
     body = _mapping(value, f"agents.{name}", where)
-    _reject_unknown(body, {"project", "principal", "user", "allow_hosts"}, prefix, where)
+    _reject_unknown(body, PROFILE_KEYS | BIGQUERY_PROFILE_KEYS | CREDENTIAL_PROFILE_KEYS, prefix,
+                    where)
     user = _string(body.get("user", DEFAULT_AGENT_USER), prefix + "user", where)
     if not _UNIX_USER.match(user) or user == "root":
         raise ConfigError(
@@ -192,7 +239,93 @@ def _parse_profile(name: str, value: Any, where: str) -> AgentProfile:
         principal=_optional_string(body.get("principal"), prefix + "principal", where),
         user=user,
         allow_hosts=tuple(h.lower() for h in allow),
+        record_result_rows=_flag(body.get("record_result_rows", False),
+                                 prefix + "record_result_rows", where),
+        job_label_key=_label_key(body.get("job_label_key", DEFAULT_JOB_LABEL_KEY),
+                                 prefix + "job_label_key", where),
+        credentials=_credentials(body.get("credentials", {}), prefix, where),
+        allow_foreign_credentials=_flag(body.get("allow_foreign_credentials", False),
+                                        prefix + "allow_foreign_credentials", where),
+        project_number=_project_number(body.get("project_number"), prefix + "project_number",
+                                       where),
     )
+
+
+def _credentials(value: Any, prefix: str, where: str) -> CredentialsConfig:
+    key = prefix + "credentials"
+    body = _mapping(value if value is not None else {}, key, where)
+    _reject_unknown(body, CREDENTIALS_KEYS, f"{prefix}credentials.", where)
+    source = body.get("source", "adc")
+    if source not in CREDENTIAL_SOURCES:
+        raise ConfigError(f"{where}: {key}.source {source!r} is not one of "
+                          f"{', '.join(CREDENTIAL_SOURCES)}.")
+    needs_file = source in ("service_account_key", "external_account")
+    if needs_file and body.get("file") is None:
+        raise ConfigError(f"{where}: {key}.file is required with source {source!r}; name the "
+                          "credential file, for example /etc/appliance/credentials/agent.json.")
+    if source == "adc" and body.get("file") is not None:
+        raise ConfigError(f"{where}: {key}.file is not used with source 'adc', which reads the "
+                          "host's Application Default Credentials; use source "
+                          "'service_account_key', 'authorized_user' or 'external_account' "
+                          "to name a file.")
+    target = body.get("target_principal")
+    if (source == "impersonate") != (target is not None):
+        raise ConfigError(f"{where}: {key}.target_principal is required with source "
+                          "'impersonate' and not used with any other source; with "
+                          "external_account, put service_account_impersonation_url in the file.")
+    if target is not None and not _EMAIL.match(str(target)):
+        raise ConfigError(f"{where}: {key}.target_principal {target!r} is not a service "
+                          "account email such as agent@project.iam.gserviceaccount.com.")
+    delegates = body.get("delegates", [])
+    if delegates and source != "impersonate":
+        raise ConfigError(f"{where}: {key}.delegates is used only with source 'impersonate'.")
+    if not isinstance(delegates, list) or not all(
+            isinstance(d, str) and _EMAIL.match(d.removeprefix("projects/-/serviceAccounts/"))
+            for d in delegates):
+        raise ConfigError(f"{where}: {key}.delegates must be a list of service account emails "
+                          f"(or projects/-/serviceAccounts/EMAIL names), got {delegates!r}.")
+    scopes = body.get("scopes")
+    if scopes is not None and (not isinstance(scopes, list) or not scopes or not all(
+            isinstance(s, str) and s.startswith("https://") for s in scopes)):
+        raise ConfigError(f"{where}: {key}.scopes must be a non-empty list of OAuth scope URLs "
+                          "such as https://www.googleapis.com/auth/bigquery, got "
+                          f"{scopes!r}.")
+    file = body.get("file")
+    return CredentialsConfig(
+        source=source,
+        file=None if file is None else _absolute_path(file, key + ".file", where),
+        target_principal=None if target is None else str(target),
+        delegates=tuple(d.removeprefix("projects/-/serviceAccounts/") for d in delegates),
+        scopes=None if scopes is None else tuple(scopes),
+    )
+
+
+def _project_number(value: Any, key: str, where: str) -> str | None:
+    if value is None:
+        return None
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str) or not text.isdigit():
+        raise ConfigError(f"{where}: {key} must be the project's number, digits only, such as "
+                          f"123456789012; got {value!r}.")
+    return text
+
+
+def _flag(value: Any, key: str, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}.")
+    return value
+
+
+def _label_key(value: Any, key: str, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _LABEL_KEY.match(value):
+        raise ConfigError(
+            f"{where}: {key} {value!r} is not a BigQuery label key; use 1 to 63 lowercase "
+            f"letters, digits, '_' or '-', starting with a letter (default "
+            f"{DEFAULT_JOB_LABEL_KEY!r}), or null to add no label."
+        )
+    return value
 
 
 def _mapping(value: Any, key: str, where: str) -> dict[str, Any]:
@@ -202,7 +335,8 @@ def _mapping(value: Any, key: str, where: str) -> dict[str, Any]:
     return value
 
 
-def _reject_unknown(mapping: Mapping[str, Any], known: set[str], prefix: str, where: str) -> None:
+def _reject_unknown(mapping: Mapping[str, Any], known: Set[str], prefix: str,
+                    where: str) -> None:
     for key in mapping:
         if key not in known:
             raise ConfigError(
@@ -261,3 +395,12 @@ def _hosts(value: Any, where: str) -> dict[str, str]:
             raise ConfigError(f"{where}: network.hosts.{name} {address!r} is not an IPv4 "
                               "address.") from None
     return result
+
+
+def _retention_days(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: store.retention_days must be a whole number of days, at "
+                          f"least 1, or absent to keep every session; got {value!r}.")
+    return value

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from appliance.config import AgentProfile
 
 if TYPE_CHECKING:
+    from appliance.credentials import TokenSource
     from appliance.recordings.journal import Journal
 
 
@@ -32,6 +33,14 @@ class SessionContext:
     journal: Journal
     placeholder_token: str
     hosts: dict[str, str] = field(default_factory=dict)
+    # Addresses the session's resolver handed out per name; egress accepts them as well.
+    dns_answers: dict[str, set[str]] = field(default_factory=dict)
+    # The session's network namespace and the sandbox's host pid, for process attribution.
+    namespace_path: str | None = None
+    sandbox_pid: int | None = None
+    # The principal the session's real token belongs to, and the source that mints that token.
+    principal: str | None = None
+    tokens: TokenSource | None = None
     _statement_numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     statements: int = 0
 

@@ -2,6 +2,7 @@
 
     ApplianceError                 base class; the CLI prints its message as one line
      ├── ConfigError               invalid or unreadable configuration (exit code 2)
+     │    └── CredentialError     a profile's credential cannot be loaded or minted
      ├── PrivilegeError            not root, or a kernel feature is missing (exit code 3)
      ├── NetworkSetupError         namespace, link, address or nftables setup failed (exit code 4)
      ├── ProxyError                the embedded proxy could not start (exit code 4)
@@ -26,6 +27,10 @@ class ConfigError(ApplianceError):
     """The configuration file or a command-line value is invalid."""
 
     exit_code = 2
+
+
+class CredentialError(ConfigError):
+    """An agent profile's credential source cannot be loaded, trusted or turned into a token."""
 
 
 class PrivilegeError(ApplianceError):

@@ -15,6 +15,19 @@ environment variable. It builds the agent's confinement and then runs the comman
 When the agent command exits, init exits with its status and the kernel kills every process
 left in the PID namespace, so nothing the agent started outlives it. Both root processes die
 with their parent (PR_SET_PDEATHSIG), so a killed appliance takes the agent down with it.
+
+What the agent cannot do, and why:
+
+- see, signal or trace the appliance: it lives outside the agent's PID namespace, and the two
+  root processes inside it are not dumpable (PR_SET_DUMPABLE 0) and run as another user;
+- gain privileges: no_new_privs makes setuid and file-capability binaries (sudo, su, ping)
+  run without them, and the agent user has no capabilities, so it cannot open raw or packet
+  sockets or change the namespace's addresses, routes or firewall;
+- read the appliance's secrets and records: besides their root-only modes, every path in the
+  spec's `hidden_paths` (store, CA directory, signing key, credential files, configuration)
+  is covered by an empty read-only tmpfs, or /dev/null for a file, in the agent's mount
+  namespace. Mounts made in a more privileged namespace are locked in any namespace the agent
+  makes later, so they cannot be unmounted to look underneath.
 """
 
 from __future__ import annotations
@@ -25,9 +38,14 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
+from appliance.config import DEFAULT_CONFIG_PATH, Config
+
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+MS_RDONLY = 0x1
 PR_SET_NO_NEW_PRIVS = 38
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -52,17 +70,49 @@ def _prctl(option: int, value: int) -> None:
     _check(_libc.prctl(option, value, 0, 0, 0), f"prctl({option})")
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
+def _mount(source: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None = None) -> None:
     _check(
         _libc.mount(
             source.encode() if source else None,
             target.encode(),
             fstype.encode() if fstype else None,
             ctypes.c_ulong(flags),
-            None,
+            data.encode() if data else None,
         ),
         f"mount {source} on {target}",
     )
+
+
+def _hide(path: str) -> None:
+    """Cover `path` in this mount namespace: an empty read-only tmpfs, or /dev/null for a file."""
+    if os.path.isdir(path):
+        _mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+               "size=4k,mode=000")
+    elif os.path.lexists(path):
+        _mount("/dev/null", path, None, MS_BIND)
+
+
+def protected_paths(config: Config, keep: list[Path]) -> list[str]:
+    """Return the appliance paths the agent must not see, except those holding a `keep` path.
+
+    The session directory and the agent's working directory are kept reachable even when an
+    operator puts them under one of these paths.
+    """
+    candidates = [config.store_path, config.ca_dir, config.signing_key,
+                  config.runtime_dir / "pool", DEFAULT_CONFIG_PATH.parent]
+    if config.source is not None:
+        candidates.append(config.source)
+    candidates += [profile.credentials.file for profile in config.agents.values()
+                   if profile.credentials.file is not None]
+    hidden = []
+    for candidate in candidates:
+        path = Path(os.path.abspath(candidate))
+        if any(path == kept or path in kept.parents for kept in keep):
+            continue
+        if str(path) not in hidden:
+            hidden.append(str(path))
+    return hidden
 
 
 def _fail(message: str) -> NoReturn:
@@ -119,6 +169,7 @@ def _run_agent(spec: dict[str, Any]) -> NoReturn:
 def _run_init(spec: dict[str, Any]) -> NoReturn:
     """Act as PID 1 of the agent's PID namespace until the agent command exits."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(PR_SET_DUMPABLE, 0)
     os.setsid()
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     agent = os.fork()
@@ -131,10 +182,13 @@ def main() -> NoReturn:
     spec = json.loads(os.environ.pop(SPEC_VARIABLE))
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _prctl(PR_SET_DUMPABLE, 0)
         os.unshare(os.CLONE_NEWNS | os.CLONE_NEWPID | os.CLONE_NEWIPC | os.CLONE_NEWUTS)
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
         for source, target in spec["bind_mounts"]:
             _mount(source, target, None, MS_BIND)
+        for path in spec.get("hidden_paths", []):
+            _hide(path)
         fd = os.open(spec["netns"], os.O_RDONLY | os.O_CLOEXEC)
         os.setns(fd, os.CLONE_NEWNET)
         os.close(fd)

@@ -28,13 +28,15 @@ from pathlib import Path
 from appliance import addons
 from appliance.config import AgentProfile, Config
 from appliance.context import Registry, SessionContext
-from appliance.errors import ConfigError, PrivilegeError
-from appliance.netns import namespace, nftables, pool
+from appliance.credentials import Identity, TokenSource
+from appliance.errors import ConfigError, CredentialError, PrivilegeError
+from appliance import processes
+from appliance.netns import droplog, namespace, nftables, pool, resolver
 from appliance.proxy import EmbeddedProxy
 from appliance.recordings.journal import Journal
 from appliance.recordings.schema import SESSION_END, SESSION_START
 from appliance.recordings.store import Store
-from appliance.sandbox import SPEC_VARIABLE
+from appliance.sandbox import SPEC_VARIABLE, protected_paths
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +158,7 @@ class Session:
     def __init__(self, config: Config, request: RunRequest) -> None:
         self.config = config
         self.request = request
-        self.store = Store(config.store_path)
+        self.store = Store(config.store_path, signing_key=config.signing_key)
         self.session_id, self.tag = new_session_id()
         self.registry = Registry()
         self.directory = config.runtime_dir / "sessions" / self.tag
@@ -166,6 +168,8 @@ class Session:
         self.context: SessionContext | None = None
         self.proxy: EmbeddedProxy | None = None
         self.agent: asyncio.subprocess.Process | None = None
+        self.resolver: resolver.Resolver | None = None
+        self.drops: droplog.DropRecorder | None = None
         self.interrupts = 0
         self.started = time.monotonic()
 
@@ -187,7 +191,11 @@ class Session:
             sweep_stale(self.config, self.store)
             self.lease = pool.lease(self.config.pool, self.config.runtime_dir, self.tag)
             self.network = namespace.create(self.tag, self.lease)
-            nftables.install(self.network, self.config.proxy_port)
+            # Both bind before the rules exist, because the rules name their port and group.
+            self.resolver = resolver.Resolver(self.network.host_address)
+            self.drops = droplog.DropRecorder(self.tag)
+            nftables.install(self.network, self.config.proxy_port, self.resolver.port,
+                             self.drops.group)
             exit_code = asyncio.run(self._run_async(account))
         except Terminated:
             logger.warning("Session %s: terminated during setup", self.session_id)
@@ -208,6 +216,7 @@ class Session:
         profile = self.request.profile
         assert self.network is not None
         hosts = await _resolve_allowed(profile, dict(self.config.hosts))
+        tokens, identity = await self._credentials(account)
         self.journal = self.store.open_journal(self.session_id)
         self.context = SessionContext(
             session_id=self.session_id,
@@ -220,13 +229,18 @@ class Session:
             journal=self.journal,
             placeholder_token="ya29.appliance-placeholder." + secrets.token_urlsafe(32),
             hosts=hosts,
+            principal=identity.principal,
+            tokens=tokens,
         )
         self.journal.append_sync({
             "kind": SESSION_START,
             "project": profile.project,
             "detail": json.dumps({
                 "agent": profile.name,
-                "principal": profile.principal,
+                "principal": identity.principal,
+                "principal_source": identity.how,
+                "credential_source": profile.credentials.source,
+                "credential": tokens.describe,
                 "unix_user": account.pw_name,
                 "uid": account.pw_uid,
                 "operator": self.request.operator,
@@ -240,12 +254,35 @@ class Session:
             }, sort_keys=True),
         })
         self.registry.add(self.context)
+        assert self.resolver is not None and self.drops is not None
+        self.context.namespace_path = self.network.namespace_path
+        self.resolver.start(self.context)
+        self.drops.start(self.session_id, self.journal.append_sync)
         self.proxy = EmbeddedProxy(self.config.ca_dir, self.config.upstream_ca_file,
                                    addons.chain(self.registry))
         await self.proxy.start([(str(self.network.host_address), self.config.proxy_port)])
         self._write_session_files(account, hosts)
         logger.info("Session %s started: agent profile %s, user %s, namespace %s",
                     self.session_id, profile.name, account.pw_name, self.network.namespace)
+
+    async def _credentials(self, account: pwd.struct_passwd) -> tuple[TokenSource, Identity]:
+        """Load the profile's credential source and mint its first token, off the event loop.
+
+        The principal is the one the token really belongs to; a profile that names another
+        one is refused, so a recording never names a principal that did not act.
+        """
+        profile = self.request.profile
+        tokens = await asyncio.to_thread(TokenSource.for_profile, profile, self.config,
+                                         self.request.operator, account.pw_uid)
+        identity = await asyncio.to_thread(tokens.identify)
+        if profile.principal and profile.principal != identity.principal:
+            raise CredentialError(
+                f"Agent profile {profile.name!r} names principal {profile.principal!r}, but its "
+                f"credential ({tokens.describe}) belongs to {identity.principal!r}; correct "
+                "'principal' or the credentials of the profile.")
+        logger.info("Session %s: principal %s (%s) from %s", self.session_id,
+                    identity.principal, identity.how, tokens.describe)
+        return tokens, identity
 
     def _write_session_files(self, account: pwd.struct_passwd, hosts: dict[str, str]) -> None:
         """Write the files the sandbox mounts or points the agent at; only `home` is writable."""
@@ -261,11 +298,12 @@ class Session:
                     "parents all have mode o+x, such as the default /run/appliance."
                 )
         lines = ["127.0.0.1 localhost", "169.254.169.254 metadata.google.internal metadata"]
-        lines += [f"{address} {host}" for host, address in sorted(hosts.items())]
+        # Other names go to the session resolver, which records every lookup.
+        assert self.network is not None
         files = {
             "hosts": "\n".join(lines) + "\n",
-            # Nothing answers DNS inside the namespace, so lookups fail at once, not after 5 s.
-            "resolv.conf": "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+            "resolv.conf": f"nameserver {self.network.host_address}\n"
+                           "options timeout:2 attempts:2\n",
             "ca.pem": self.proxy.ca_cert_path.read_text(),
             "token": self.context.placeholder_token,
         }
@@ -308,11 +346,14 @@ class Session:
             "cwd": str(self.request.cwd),
             "command": self.request.command,
             "env": self._agent_environment(account),
+            "hidden_paths": protected_paths(self.config, [self.directory, self.request.cwd]),
         }
         self.agent = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "appliance.sandbox",
             env={**os.environ, SPEC_VARIABLE: json.dumps(spec)},
         )
+        if self.context is not None:
+            self.context.sandbox_pid = self.agent.pid
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, self._forward_signal, signum)
@@ -359,6 +400,7 @@ class Session:
             self.agent.kill()
         if self.context is not None:
             self.registry.remove(self.context)
+        self._stop_watchers()
         if self.journal is not None:
             status = self._close_journal(exit_code)
         steps: list[tuple[str, Callable[[], object]]] = [
@@ -378,6 +420,25 @@ class Session:
         # After a failed step the lease stays in place until this process exits; the next
         # start then finds the leftovers unheld and removes them.
         return status
+
+    def _stop_watchers(self) -> None:
+        """End what is left in the namespace, then stop the resolver and the drop recorder,
+        which record their last counts while the journal is still open."""
+        network, dns, drops = self.network, self.resolver, self.drops
+        steps: list[tuple[str, Callable[[], object]]] = []
+        if network is not None:
+            steps.append(("leftover processes",
+                          lambda: processes.kill_namespace_processes(network.namespace_path)))
+        if dns is not None:
+            steps.append(("resolver", dns.stop))
+        if drops is not None:
+            steps.append(("drop recorder", lambda: drops.stop(nftables.counters(self.tag))))
+        for name, step in steps:
+            try:
+                step()
+            except Exception:
+                logger.exception("Session %s: stopping the %s failed", self.session_id, name)
+        self.resolver = self.drops = None
 
     def _close_journal(self, exit_code: int) -> str:
         assert self.journal is not None

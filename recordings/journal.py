@@ -6,7 +6,9 @@ Each line is one event, encoded canonically (sorted keys, no spaces, UTF-8) and 
 reordering of lines breaks the chain; a final line without its newline is a torn write.
 
 The file holds an exclusive flock from creation until `release`, which tells recovery that its
-process is alive. Writes go through one writer thread that batches whatever is queued into a single write and
+process is alive. Beside it, `<session_id>.head` holds the signed head of the chain (event count
+and last hash), rewritten after every fsync and before any append of that batch resolves: cutting
+acknowledged events off the end of a journal then shows, because the head still names them. Writes go through one writer thread that batches whatever is queued into a single write and
 fsync (group commit), so concurrent requests share fsyncs. `append` resolves only after the
 event's fsync returned: record before forward. After any write failure the journal refuses
 every later append, because the chain on disk may end in a torn record.
@@ -26,9 +28,12 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.errors import RecordingFailed, StoreError
+
+if TYPE_CHECKING:
+    from appliance.recordings.signing import Signer, Verifier
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +53,31 @@ def event_hash(event: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(event)).hexdigest()
 
 
+HEAD_TYPE = "journal_head"
+# The head is rewritten in place at a fixed size, so a shorter head never leaves old bytes.
+_HEAD_SIZE = 512
+
+
+def head_path(journal_path: Path) -> Path:
+    return journal_path.with_suffix(".head")
+
+
 @dataclass
 class _Pending:
     line: bytes
+    seq: int
+    hash: str
     future: Future[None] = field(default_factory=Future)
 
 
 class Journal:
     """Appends events for one session; safe to call from the event loop and other threads."""
 
-    def __init__(self, path: Path, session_id: str) -> None:
+    def __init__(self, path: Path, session_id: str, signer: Signer | None = None) -> None:
         self.path = path
         self.session_id = session_id
+        self._signer = signer
+        self._head_fd = -1
         self._lock = threading.Lock()
         self._seq = 0
         self._last_hash = genesis_hash(session_id)
@@ -74,8 +92,12 @@ class Journal:
             self._fd = os.open(partial, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
                                | os.O_CLOEXEC, 0o600)
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if signer is not None:
+                self._head_fd = os.open(head_path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                                        | os.O_CLOEXEC, 0o600)
+                self._write_head(0, self._last_hash)
             os.rename(partial, path)
-            _fsync_directory(path.parent)
+            fsync_directory(path.parent)
         except OSError as error:
             raise StoreError(f"Cannot create journal {path}: {error.strerror}. Check that the "
                              "store directory exists, is writable by root and has free space.") \
@@ -103,7 +125,7 @@ class Journal:
             event.setdefault("ts_ns", time.time_ns())
             event["prev_hash"] = self._last_hash
             event["hash"] = event_hash(event)
-            pending = _Pending(canonical(event) + b"\n")
+            pending = _Pending(canonical(event) + b"\n", self._seq, event["hash"])
             self._queue.put(pending)
             self._seq += 1
             self._last_hash = event["hash"]
@@ -146,6 +168,8 @@ class Journal:
                 while written < len(data):
                     written += os.write(self._fd, data[written:])
                 os.fsync(self._fd)
+                if self._signer is not None:
+                    self._write_head(batch[-1].seq + 1, batch[-1].hash)
             except OSError as error:
                 with self._lock:
                     self._closing = False
@@ -161,6 +185,16 @@ class Journal:
             else:
                 pending.future.set_exception(RecordingFailed(self._failure))
 
+    def _write_head(self, events: int, last_hash: str) -> None:
+        """Sign and store the chain's head; not fsynced, because a head that a power loss
+        leaves stale only understates the journal, which was fsynced first."""
+        assert self._signer is not None
+        document = {"type": HEAD_TYPE, "session_id": self.session_id, "events": events,
+                    "last_hash": last_hash}
+        signed = {**document, "key_id": self._signer.key_id,
+                  "signature": self._signer.sign(document)}
+        os.pwrite(self._head_fd, canonical(signed).ljust(_HEAD_SIZE) + b"\n", 0)
+
     def close(self) -> None:
         """Flush what is queued and stop writing; the file and its lock stay open.
 
@@ -174,18 +208,22 @@ class Journal:
             if self._writer.is_alive():
                 self._queue.put(None)
         self._writer.join()
+
     def release(self) -> None:
         """Close the file, which drops the liveness lock."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._head_fd >= 0:
+            os.close(self._head_fd)
+            self._head_fd = -1
 
     @property
     def failed(self) -> bool:
         return self._failure is not None
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -251,3 +289,61 @@ def verify_chain(session_id: str, events: list[dict[str, Any]]) -> list[str]:
                             "was edited)")
         expected_prev = str(event.get("hash"))
     return problems
+
+
+def check_head(journal_path: Path, session_id: str, events: list[dict[str, Any]],
+               verifier: Verifier) -> list[tuple[str, str]]:
+    """Compare a journal's events with its signed head; return (kind, message) per problem.
+
+    Kinds: `head_missing` (no head file, as for journals of older appliances), `head_invalid`
+    (unreadable, for another session, or a signature that does not verify), `journal_truncated`
+    (the head covers more events than the journal holds) and `journal_rewritten` (the event the
+    head ends at has another hash).
+    """
+    path = head_path(journal_path)
+    try:
+        head = json.loads(path.read_bytes())
+        if not isinstance(head, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        return [("head_missing", (f"journal {journal_path.name} has no signed head "
+                                  f"({path.name}), so truncation at a record boundary "
+                                  "cannot be detected"))]
+    except (OSError, ValueError) as error:
+        return [("head_invalid", f"the signed head {path.name} is unreadable ({error})")]
+    document = {"type": HEAD_TYPE, "session_id": head.get("session_id"),
+                "events": head.get("events"), "last_hash": head.get("last_hash")}
+    if head.get("session_id") != session_id or not isinstance(head.get("events"), int) \
+            or not verifier.verify(document, str(head.get("signature"))):
+        return [("head_invalid", (f"the signed head {path.name} does not verify with key "
+                                  f"{verifier.key_id} (it was edited, forged or belongs to "
+                                  "another session)"))]
+    signed_events = int(head["events"])
+    if signed_events > len(events):
+        return [("journal_truncated",
+                 (f"the journal was truncated: its signed head covers {signed_events} events, "
+                  f"the journal holds {len(events)} (events seq {len(events)} to "
+                  f"{signed_events - 1} are missing)"))]
+    expected = events[signed_events - 1].get("hash") if signed_events else \
+        genesis_hash(session_id)
+    if expected != head.get("last_hash"):
+        return [("journal_rewritten",
+                 (f"the journal was rewritten: event seq {signed_events - 1} does not have the "
+                  "hash its signed head names"))]
+    return []
+
+
+def is_live(path: Path) -> bool:
+    """Tell whether a process holds the journal's liveness lock, without taking any lock.
+
+    Reads /proc/locks, so a query never makes recovery in another process mistake a dead
+    session's journal for a live one.
+    """
+    try:
+        info = os.stat(path)
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return False
+    wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    return any(line.split()[1] == "FLOCK" and wanted in line.split()
+               for line in locks.splitlines() if len(line.split()) > 5)

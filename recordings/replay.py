@@ -17,7 +17,10 @@ SESSION_COLUMNS = ("session_id", "agent", "principal", "unix_user", "operator", 
 STATEMENT_COLUMNS = ("statement_index", "statement_id", "requested_at", "responded_at",
                      "api_method", "project", "location", "job_id", "target", "statement_type",
                      "dry_run", "outcome", "error_reason", "error_message", "bytes_processed",
-                     "rows_affected", "rows_returned", "rows_inserted", "sql", "parameters")
+                     "rows_affected", "rows_returned", "rows_inserted", "sql", "parameters",
+                     "destructive", "job_type", "estimated_bytes", "bq_session_id",
+                     "source_uris", "destination_uris", "source_tables", "upload_bytes",
+                     "result_bytes", "child_job_ids")
 
 
 @dataclass

@@ -8,7 +8,7 @@ verification never depends on how a Parquet writer typed a value.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: signed digest chain; migrated forward by recordings.migrations
 
 # Column name -> DuckDB type, in table order.
 EVENT_COLUMNS: dict[str, str] = {
@@ -43,6 +43,26 @@ EVENT_COLUMNS: dict[str, str] = {
     "bytes_processed": "BIGINT",
     "rows_affected": "BIGINT",
     "rows_returned": "BIGINT",
+    # BigQuery REST statistics and job details (appliance.bigquery.rest).
+    "job_type": "VARCHAR",
+    "parent_job_id": "VARCHAR",
+    "bq_session_id": "VARCHAR",
+    "ddl_operation": "VARCHAR",
+    "ddl_target": "VARCHAR",
+    "bytes_billed": "BIGINT",
+    "slot_ms": "BIGINT",
+    "cache_hit": "BOOLEAN",
+    "dml_stats": "VARCHAR",
+    "source_uris": "VARCHAR",
+    "destination_uris": "VARCHAR",
+    "source_tables": "VARCHAR",
+    "source_format": "VARCHAR",
+    "write_disposition": "VARCHAR",
+    "upload_bytes": "BIGINT",
+    "destructive": "BOOLEAN",
+    "transient": "BOOLEAN",
+    "result_bytes": "BIGINT",
+    "result_digest": "VARCHAR",
     "credential": "VARCHAR",
     "detail": "VARCHAR",
     "prev_hash": "VARCHAR",
@@ -59,3 +79,5 @@ RESPONSE = "response"
 FLOW_ERROR = "flow_error"
 BLOCKED = "blocked"
 CONNECTION = "connection"
+# One message of a streamed gRPC call (a Storage Write append or its acknowledgement).
+STREAM_MESSAGE = "stream_message"

@@ -1,14 +1,18 @@
-"""The root-owned recording store: live journals, sealed Parquet files and the DuckDB catalog.
+"""The root-owned recording store: live journals, sealed Parquet files, digests and the catalog.
 
-Layout under the store directory (mode 0700, owned by root):
+Layout under the store directory (mode 0700, owned by root), documented in docs/store.md:
 
     journal/<session_id>.jsonl                      live and interrupted sessions
+    journal/<session_id>.head                       the signed head of each live journal
     sessions/date=YYYY-MM-DD/<session_id>.parquet   sealed sessions, one file each
-    catalog.duckdb                                  session_index table and the views
-    catalog.lock                                    serialises catalog writers across processes
+    digests.jsonl                                   the signed digest chain (recordings.digests)
+    signing-key.pub                                 the public half of the signing key
+    catalog.duckdb                                  session_index, store_meta and the views
+    catalog.lock                                    serialises catalog and digest writers
 
 A running session holds an exclusive flock on its journal, so a journal whose lock can be
-taken belongs to a process that died: `recover` seals it as interrupted.
+taken belongs to a process that died: `recover` seals it as interrupted. The catalog is an index
+for queries, rebuilt from the files if need be; verification never trusts it.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from typing import Any
 import duckdb
 
 from appliance.errors import StoreError
+from appliance.recordings import digests, migrations, signing, views
 from appliance.recordings import journal as journal_module
-from appliance.recordings import views
 from appliance.recordings.journal import Journal, canonical, event_hash
 from appliance.recordings.schema import EVENT_COLUMNS, SCHEMA_VERSION, SESSION_RECOVERED
 
@@ -52,11 +56,30 @@ class SealedSession:
 class Store:
     """One store directory; every method translates OS and DuckDB errors into StoreError."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, signing_key: Path | None = None) -> None:
         self.root = root
         self.journal_dir = root / "journal"
         self.sessions_dir = root / "sessions"
         self.catalog_path = root / "catalog.duckdb"
+        self.digests_path = root / digests.DIGESTS_NAME
+        self.public_key_path = root / signing.PUBLIC_KEY_NAME
+        self.signing_key = signing_key
+        self._signer: signing.Signer | None = None
+
+    @property
+    def signer(self) -> signing.Signer:
+        """The signing key, generated at first use; its public half is exported beside the store.
+
+        Sealing, recovery, migration and pruning sign, so they need it; reading does not.
+        """
+        if self.signing_key is None:
+            raise StoreError(f"No signing key is configured for the store {self.root}; set "
+                             f"store.signing_key (default {signing.DEFAULT_SIGNING_KEY}).")
+        if self._signer is None:
+            self._signer = signing.load_or_create(self.signing_key)
+            if self.root.is_dir():
+                signing.export_public_key(self._signer, self.public_key_path)
+        return self._signer
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -93,7 +116,8 @@ class Store:
 
     def open_journal(self, session_id: str) -> Journal:
         """Create the session's journal, locked as live until it is released."""
-        return Journal(self.journal_path(session_id), session_id)
+        signer = self.signer if self.signing_key is not None else None
+        return Journal(self.journal_path(session_id), session_id, signer)
 
     def live_journals(self) -> list[Path]:
         return sorted(self.journal_dir.glob("*.jsonl")) if self.journal_dir.is_dir() else []
@@ -144,6 +168,10 @@ class Store:
         if contents.problems:
             detail["invalid_records"] = contents.problems
         events = contents.events
+        for kind, message in journal_module.check_head(path, session_id, events, self.signer):
+            detail.setdefault("journal_head", []).append({"kind": kind, "message": message})
+            log = logger.info if kind == "head_missing" else logger.error
+            log("Session %s: %s", session_id, message)
         previous = events[-1]["hash"] if events else journal_module.genesis_hash(session_id)
         recovery = {
             "kind": SESSION_RECOVERED,
@@ -166,32 +194,46 @@ class Store:
         os.fsync(fd)
         logger.warning("Recovered interrupted session %s with %d events", session_id,
                        len(events))
-        return self._seal_events(session_id, events, path)
+        return self._seal_events(session_id, events, path, origin="recovery")
 
     def _seal_events(self, session_id: str, events: list[dict[str, Any]],
-                     journal_path: Path) -> SealedSession:
+                     journal_path: Path, origin: str = "seal") -> SealedSession:
         started = events[0]["ts_ns"] if events else _now_ns()
         day = datetime.datetime.fromtimestamp(started / 1e9, datetime.UTC).date().isoformat()
         directory = self.sessions_dir / f"date={day}"
         target = directory / f"{session_id}.parquet"
         status = _status_of(events)
+        facts = digests.session_facts(events)
+        signer = self.signer
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             _write_parquet(events, target)
-            digest = _sha256_file(target)
+            journal_module.fsync_directory(directory)
             with self.catalog(write=True) as connection:
-                connection.execute(
-                    "INSERT OR REPLACE INTO session_index VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [session_id, day, str(target.relative_to(self.root)), len(events), status,
-                     events[-1]["hash"] if events else None, digest,
-                     datetime.datetime.now(datetime.UTC).replace(tzinfo=None)],
-                )
+                # The digest is appended first: a crash after it leaves the journal in place,
+                # and sealing it again appends a newer digest that supersedes this one.
+                entry = digests.append(self.digests_path, signer, {
+                    "type": digests.SESSION,
+                    "origin": origin,
+                    "session_id": session_id,
+                    "status": status,
+                    "file": str(target.relative_to(self.root)),
+                    "file_sha256": digests.sha256_file(target),
+                    "file_bytes": target.stat().st_size,
+                    **facts,
+                    "schema_version": SCHEMA_VERSION,
+                    "sealed_at_ns": _now_ns(),
+                })
+                register(connection, entry, day)
                 views.create(connection, self, persistent=True)
             journal_path.unlink()
+            journal_module.head_path(journal_path).unlink(missing_ok=True)
+            journal_module.fsync_directory(journal_path.parent)
         except (OSError, duckdb.Error) as error:
             raise StoreError(f"Sealing session {session_id} into {target} failed: {error}. "
                              f"The journal {journal_path} is kept.") from error
-        logger.info("Sealed session %s: %d events in %s", session_id, len(events), target)
+        logger.info("Sealed session %s: %d events in %s, digest %s", session_id, len(events),
+                    target, entry["digest_hash"])
         return SealedSession(session_id, target, len(events), status)
 
     # -- catalog -------------------------------------------------------------------------------
@@ -212,9 +254,9 @@ class Store:
             connection = duckdb.connect(str(self.catalog_path), read_only=not write)
             try:
                 if write:
-                    _migrate(connection)
+                    migrations.migrate(connection, self)
                 else:
-                    _check_version(connection)
+                    migrations.check_version(connection)
                 yield connection
             finally:
                 connection.close()
@@ -245,26 +287,18 @@ class Store:
                     connection.execute("SELECT file FROM session_index").fetchall()]
 
 
-def _check_version(connection: duckdb.DuckDBPyConnection) -> None:
-    """Reject a store written by a newer appliance, whose layout this one cannot read."""
-    row = connection.execute("SELECT value FROM store_meta WHERE key = 'schema_version'") \
-        .fetchone()
-    if row is not None and int(row[0]) > SCHEMA_VERSION:
-        raise StoreError(f"The store has schema version {row[0]}, newer than this appliance "
-                         f"understands ({SCHEMA_VERSION}); upgrade the appliance.")
-
-
-def _migrate(connection: duckdb.DuckDBPyConnection) -> None:
-    connection.execute("CREATE TABLE IF NOT EXISTS store_meta (key VARCHAR PRIMARY KEY, "
-                       "value VARCHAR)")
-    _check_version(connection)
+def register(connection: duckdb.DuckDBPyConnection, entry: dict[str, Any], day: str) -> None:
+    """Index a session digest entry in the catalog's session_index."""
     connection.execute(
-        "CREATE TABLE IF NOT EXISTS session_index (session_id VARCHAR PRIMARY KEY, "
-        "date VARCHAR, file VARCHAR, events BIGINT, status VARCHAR, last_hash VARCHAR, "
-        "file_sha256 VARCHAR, sealed_at TIMESTAMP)"
+        "INSERT OR REPLACE INTO session_index (session_id, date, file, events, status, "
+        "last_hash, file_sha256, sealed_at, digest_hash, started_ns, ended_ns) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [entry["session_id"], day, entry["file"], entry["events"], entry["status"],
+         entry["last_hash"], entry["file_sha256"],
+         datetime.datetime.fromtimestamp(entry["sealed_at_ns"] / 1e9, datetime.UTC)
+         .replace(tzinfo=None),
+         entry["digest_hash"], entry["first_ts_ns"], entry["last_ts_ns"]],
     )
-    connection.execute("INSERT OR REPLACE INTO store_meta VALUES ('schema_version', ?)",
-                       [str(SCHEMA_VERSION)])
 
 
 def _status_of(events: list[dict[str, Any]]) -> str:
@@ -310,14 +344,6 @@ def _write_parquet(events: list[dict[str, Any]], target: Path) -> None:
         os.unlink(rows.name)
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _now_ns() -> int:

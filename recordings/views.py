@@ -1,7 +1,8 @@
 """The documented DuckDB views over the store: `events`, `statements` and `sessions`.
 
 `events` unions the sealed Parquet files with the journals of live sessions, so a running
-session can be queried too. `statements` folds the events of one statement (its request, later
+session can be queried too; `live_events` holds only the journals' events, and `sessions`
+shows a journal's session as `running`, or `abandoned` when its appliance process died. `statements` folds the events of one statement (its request, later
 polls and pages) into one row: SQL and method from the first request, outcome and statistics
 from the last response that carried them. Timestamps are UTC.
 """
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
+from appliance.recordings.journal import is_live
 from appliance.recordings.schema import EVENT_COLUMNS
 
 if TYPE_CHECKING:
@@ -90,15 +92,61 @@ WITH folded AS (
             AS parameters,
         arg_max(project, seq) FILTER (project IS NOT NULL) AS project,
         arg_max(location, seq) FILTER (location IS NOT NULL) AS location,
-        arg_max(job_id, seq) FILTER (job_id IS NOT NULL) AS job_id,
+        arg_max(job_id, seq) FILTER (job_id IS NOT NULL AND parent_job_id IS NULL) AS job_id,
         arg_max(dataset_id, seq) FILTER (dataset_id IS NOT NULL) AS dataset_id,
         arg_max(table_id, seq) FILTER (table_id IS NOT NULL) AS table_id,
         coalesce(bool_or(dry_run), false) AS dry_run,
-        arg_max(statement_type, seq) FILTER (statement_type IS NOT NULL) AS statement_type,
+        arg_max(statement_type, seq) FILTER (statement_type IS NOT NULL
+                                             AND parent_job_id IS NULL) AS statement_type,
         arg_max({'outcome': outcome, 'reason': error_reason, 'message': error_message}, seq)
-            FILTER (outcome IS NOT NULL) AS final,
-        arg_max(bytes_processed, seq) FILTER (bytes_processed IS NOT NULL) AS bytes_processed,
-        arg_max(rows_affected, seq) FILTER (rows_affected IS NOT NULL) AS rows_affected,
+            FILTER (outcome IS NOT NULL AND parent_job_id IS NULL) AS final,
+        arg_max(bytes_processed, seq) FILTER (bytes_processed IS NOT NULL
+                                              AND parent_job_id IS NULL) AS bytes_processed,
+        arg_max(rows_affected, seq) FILTER (rows_affected IS NOT NULL
+                                            AND parent_job_id IS NULL) AS rows_affected,
+        -- A script's child jobs carry parent_job_id; the script's own statistics already
+        -- include theirs, so only the parent's count.
+        coalesce(arg_min(job_type, seq) FILTER (kind = 'request' AND job_type IS NOT NULL),
+                 arg_max(job_type, seq) FILTER (job_type IS NOT NULL
+                                                AND parent_job_id IS NULL)) AS job_type,
+        arg_max(ddl_operation, seq) FILTER (ddl_operation IS NOT NULL
+                                            AND parent_job_id IS NULL) AS ddl_operation,
+        arg_max(ddl_target, seq) FILTER (ddl_target IS NOT NULL AND parent_job_id IS NULL)
+            AS ddl_target,
+        arg_max(bytes_billed, seq) FILTER (bytes_billed IS NOT NULL AND parent_job_id IS NULL)
+            AS bytes_billed,
+        arg_max(slot_ms, seq) FILTER (slot_ms IS NOT NULL AND parent_job_id IS NULL) AS slot_ms,
+        arg_max(cache_hit, seq) FILTER (cache_hit IS NOT NULL AND parent_job_id IS NULL)
+            AS cache_hit,
+        arg_max(dml_stats, seq) FILTER (dml_stats IS NOT NULL AND parent_job_id IS NULL)
+            AS dml_stats,
+        arg_max(bq_session_id, seq) FILTER (bq_session_id IS NOT NULL) AS bq_session_id,
+        arg_min(json_extract_string(detail, '$.bigquery.session_action'), seq)
+            FILTER (kind = 'request') AS bq_session_action,
+        arg_min(json_extract(detail, '$.bigquery.labels'), seq)
+            FILTER (kind = 'request' AND json_extract(detail, '$.bigquery.labels') IS NOT NULL)
+            AS labels,
+        arg_min(source_uris, seq) FILTER (kind = 'request' AND source_uris IS NOT NULL)
+            AS source_uris,
+        arg_min(destination_uris, seq) FILTER (kind = 'request' AND destination_uris IS NOT NULL)
+            AS destination_uris,
+        arg_min(source_tables, seq) FILTER (kind = 'request' AND source_tables IS NOT NULL)
+            AS source_tables,
+        arg_min(source_format, seq) FILTER (kind = 'request' AND source_format IS NOT NULL)
+            AS source_format,
+        arg_min(write_disposition, seq) FILTER (kind = 'request' AND write_disposition IS NOT NULL)
+            AS write_disposition,
+        coalesce(max(CAST(json_extract(detail, '$.bigquery.upload_total') AS BIGINT))
+                     FILTER (kind = 'request'),
+                 sum(upload_bytes) FILTER (kind = 'request')) AS upload_bytes,
+        coalesce(bool_or(destructive), false) AS destructive,
+        sum(result_bytes) FILTER (kind = 'response') AS result_bytes,
+        list(result_digest ORDER BY seq) FILTER (result_digest IS NOT NULL) AS result_digests,
+        list_distinct(flatten(list(
+            CASE WHEN parent_job_id IS NOT NULL AND job_id IS NOT NULL THEN [job_id]
+                 ELSE json_extract_string(detail, '$.bigquery.child_jobs[*].job_id') END
+        ))) AS child_job_ids,
+        count(*) FILTER (transient) AS transient_errors,
         sum(rows_returned) FILTER (kind = 'response') AS rows_returned,
         arg_min(CAST(json_extract(detail, '$.bigquery.row_count') AS BIGINT), seq)
             FILTER (kind = 'request') AS rows_inserted,
@@ -131,8 +179,31 @@ SELECT
     coalesce(f.final.outcome, 'unknown') AS outcome,
     f.final.reason AS error_reason,
     f.final.message AS error_message,
-    f.bytes_processed,
-    f.rows_affected,
+    -- A dry run executed nothing: its bytes are an estimate, and nothing was changed.
+    CASE WHEN f.dry_run THEN NULL ELSE f.bytes_processed END AS bytes_processed,
+    CASE WHEN f.dry_run THEN f.bytes_processed END AS estimated_bytes,
+    CASE WHEN f.dry_run THEN NULL ELSE f.rows_affected END AS rows_affected,
+    f.job_type,
+    f.ddl_operation,
+    f.ddl_target,
+    f.bytes_billed,
+    f.slot_ms,
+    f.cache_hit,
+    f.dml_stats,
+    f.bq_session_id,
+    f.bq_session_action,
+    f.labels,
+    f.source_uris,
+    f.destination_uris,
+    f.source_tables,
+    f.source_format,
+    f.write_disposition,
+    f.upload_bytes,
+    f.destructive AND NOT f.dry_run AS destructive,
+    f.result_bytes,
+    f.result_digests,
+    CASE WHEN len(f.child_job_ids) > 0 THEN f.child_job_ids END AS child_job_ids,
+    f.transient_errors,
     f.rows_returned,
     f.rows_inserted,
     f.requested_at,
@@ -151,11 +222,24 @@ def create(connection: duckdb.DuckDBPyConnection, store: Store, persistent: bool
         parquet_files = [str(store.root / row[0]) for row in
                          connection.execute("SELECT file FROM session_index").fetchall()]
     # Journals come and go, so only the in-memory views of a query read them.
-    journals = [] if persistent else [str(path) for path in store.live_journals()]
+    journal_paths = [] if persistent else store.live_journals()
+    journals = [str(path) for path in journal_paths]
     scope = "VIEW" if persistent else "TEMP VIEW"
     connection.execute(
         f"CREATE OR REPLACE {scope} events AS SELECT *, make_timestamp(ts_ns // 1000) AS ts "
         f"FROM ({events_source(parquet_files, journals)})"
     )
-    connection.execute(f"CREATE OR REPLACE {scope} sessions AS {SESSIONS_VIEW}")
+    sessions = SESSIONS_VIEW
+    if not persistent:
+        connection.execute(
+            "CREATE OR REPLACE TEMP VIEW live_events AS SELECT *, make_timestamp(ts_ns // 1000) "
+            f"AS ts FROM ({events_source([], journals)})")
+        # A journal no process holds belongs to an appliance that died; the next start
+        # recovers it as interrupted, until then it shows as abandoned.
+        abandoned = [path.stem for path in journal_paths if not is_live(path)]
+        if abandoned:
+            sessions = (f"SELECT * REPLACE (CASE WHEN status = 'running' AND session_id IN "
+                        f"({', '.join(_literal(s) for s in abandoned)}) THEN 'abandoned' "
+                        f"ELSE status END AS status) FROM ({SESSIONS_VIEW})")
+    connection.execute(f"CREATE OR REPLACE {scope} sessions AS {sessions}")
     connection.execute(f"CREATE OR REPLACE {scope} statements AS {STATEMENTS_VIEW}")

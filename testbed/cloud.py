@@ -7,6 +7,10 @@ namespace:
 - local-bigquery's REST API over TLS on the REST address, port 443 (testbed/upstream_server.py,
   run by the upstream venv's Python),
 - its BigQuery Storage gRPC API over TLS on the Storage address, port 443,
+- in front of it, testbed/storage_write_server.py on the Storage address, port 443: it serves
+  the Storage Write API in memory and relays every other method (the Read API) to
+  local-bigquery's gRPC API, which then listens on port STORAGE_READ_PORT, so that clients
+  reach both APIs at bigquerystorage.googleapis.com:443 as they do at Google,
 - stub Google token endpoints over TLS on the token address, port 443,
 - an echo server over TLS on the echo address, port 443, and plain HTTP on port 8080.
 
@@ -45,6 +49,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pyroute2 import IPRoute, NetlinkError, netns
 
+from testbed import identities
+
 PREFIX = "apcloud"
 DEFAULT_SUBNET = "198.19.0.0/24"
 ALLOWED_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
@@ -53,6 +59,8 @@ UPSTREAM_PYTHON_ENV = "APPLIANCE_UPSTREAM_PYTHON"
 LOCK_FILE = f"/run/{PREFIX}.lock"
 ECHO_PLAIN_PORT = 8080
 TLS_PORT = 443
+# local-bigquery's Storage Read API, behind the router of testbed/storage_write_server.py.
+STORAGE_READ_PORT = 4431
 HERE = Path(__file__).resolve().parent
 
 # Host offsets inside the subnet: .1 is the host side of the link, .2 the namespace side.
@@ -208,6 +216,7 @@ class Cloud:
         subnet: str = DEFAULT_SUBNET,
         project: str = DEFAULT_PROJECT,
         startup_timeout: float = 60.0,
+        verify_tokens: bool = False,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         python = upstream_python or os.environ.get(UPSTREAM_PYTHON_ENV)
@@ -234,6 +243,9 @@ class Cloud:
         self.subnet = network
         self.project = project
         self.startup_timeout = startup_timeout
+        # With verify_tokens the upstream accepts only tokens the stub token services issued.
+        self.verify_tokens = verify_tokens
+        self.identities: identities.Identities | None = None
 
         suffix = secrets.token_hex(2)
         self.namespace = f"{PREFIX}-{suffix}"
@@ -253,6 +265,11 @@ class Cloud:
         self.cert_file = self.workdir / "tls" / "server.pem"
         self.key_file = self.workdir / "tls" / "server-key.pem"
         self.log_dir = self.workdir / "logs"
+        # Every access token the stub token services issued, one per line (tests search for
+        # them where none may appear).
+        self.issued_tokens_file = self.log_dir / "issued-tokens"
+        # What the Storage Write server received: one JSON line per append, commit, finalize.
+        self.storage_write_log = self.workdir / "storage-write" / "received.jsonl"
         self.startup_seconds: float | None = None
 
         self._namespace_created = False
@@ -290,6 +307,7 @@ class Cloud:
                 [*SERVICE_HOSTS, "*.googleapis.com"],
                 sorted(set(self.hosts.values())),
             )
+            self.identities = identities.create(self.workdir / "identities", self.project)
             self._start_servers()
             self._wait_ready(started + self.startup_timeout)
         except BaseException:
@@ -424,10 +442,13 @@ class Cloud:
                 str(HERE / "upstream_server.py"),
                 "--rest-address", self.rest_address,
                 "--grpc-address", self.storage_address,
+                "--grpc-port", str(STORAGE_READ_PORT),
                 "--cert", str(self.cert_file),
                 "--key", str(self.key_file),
                 "--data-dir", str(self.workdir / "upstream"),
                 "--project", self.project,
+                *(["--token-secret", str(self.identities.token_secret)]
+                  if self.verify_tokens and self.identities else []),
             ],
         )  # fmt: skip
         self._spawn(
@@ -440,6 +461,24 @@ class Cloud:
                 "--echo-address", self.echo_address,
                 "--echo-plain-port", str(self.echo_plain_port),
                 "--token-address", self.token_address,
+                *(["--identities", str(self.identities.registry)] if self.identities else []),
+                "--issued-tokens", str(self.issued_tokens_file),
+            ],
+        )  # fmt: skip
+        self._spawn(
+            "storage",
+            [
+                sys.executable,
+                str(HERE / "storage_write_server.py"),
+                "--address", self.storage_address,
+                "--port", str(TLS_PORT),
+                "--read-backend", f"{self.storage_address}:{STORAGE_READ_PORT}",
+                "--cert", str(self.cert_file),
+                "--key", str(self.key_file),
+                "--ca", str(self.ca_file),
+                "--received-log", str(self.storage_write_log),
+                *(["--token-secret", str(self.identities.token_secret)]
+                  if self.verify_tokens and self.identities else []),
             ],
         )  # fmt: skip
 
@@ -474,6 +513,8 @@ class Cloud:
         return [
             ("upstream", "bigquery.googleapis.com", TLS_PORT, "http/1.1"),
             ("upstream", "bigquerystorage.googleapis.com", TLS_PORT, "h2"),
+            ("upstream", "bigquerystorage.googleapis.com", STORAGE_READ_PORT, "h2"),
+            ("storage", "bigquerystorage.googleapis.com", TLS_PORT, "h2"),
             ("stubs", "oauth2.googleapis.com", TLS_PORT, "http/1.1"),
             ("stubs", "example.test", TLS_PORT, "http/1.1"),
             ("stubs", "example.test", self.echo_plain_port, None),

@@ -45,8 +45,15 @@ def _run(base: Path, agent_python: str) -> int:
             "runtime_dir": str(base / "run"),
             "proxy": {"ca_dir": str(base / "ca"), "upstream_ca_file": str(cloud.ca_file)},
             "network": {"hosts": cloud.hosts},
-            "agents": {"demo-agent": {"project": cloud.project,
-                                      "principal": "demo-agent@demo-project.iam.gserviceaccount.com"}},
+            "agents": {"demo-agent": {
+                "project": cloud.project,
+                "principal": "demo-agent@demo-project.iam.gserviceaccount.com",
+                # The appliance impersonates the demo principal with the testbed's key; the
+                # agent itself holds only a placeholder.
+                "credentials": {"source": "impersonate",
+                                "file": str(cloud.identities.service_account_key),
+                                "target_principal": cloud.identities.demo_agent},
+            }},
             "default_agent": "demo-agent",
         }))
         workspace = base / "workspace"

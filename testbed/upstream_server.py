@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--project", default="demo-project")
     parser.add_argument("--dataset", default="demo_dataset", help="dataset created at start")
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--token-secret", type=pathlib.Path,
+                        help="verify bearer tokens against this stub token secret "
+                             "(testbed/token_verifier.py); without it any token is accepted")
     return parser.parse_args(argv)
 
 
@@ -106,7 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     # Opening the engine now makes a broken DuckDB setup fail at start, not on a request.
     database.connection()
 
-    grpc_server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=16))
+    interceptors = []
+    if args.token_secret:
+        import token_verifier
+
+        checker = token_verifier.TokenChecker(args.token_secret.read_text().strip().encode())
+        app = token_verifier.RestVerifier(app, checker)
+        interceptors.append(token_verifier.grpc_interceptor(checker))
+
+    grpc_server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=16),
+                              interceptors=interceptors)
     grpc_server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler(n, h) for n, h in grpc_services.SERVICES.items()]
     )

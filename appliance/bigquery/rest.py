@@ -45,6 +45,38 @@ _CUSTOM_VERBS = frozenset(
 )
 _JOB_TYPES = ("query", "load", "extract", "copy")
 _READ_ONLY_HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Calls that destroy data or definitions whatever their body contains. datasets.delete counts only
+# with deleteContents, because without it BigQuery rejects deleting a dataset that has tables.
+_DESTRUCTIVE_METHODS = frozenset({"tables.delete", "models.delete", "routines.delete"})
+# Statement types and DDL operations that drop or replace data.
+DESTRUCTIVE_STATEMENT_TYPES = frozenset(
+    {
+        "TRUNCATE_TABLE",
+        "DROP_TABLE",
+        "DROP_SCHEMA",
+        "DROP_VIEW",
+        "DROP_MATERIALIZED_VIEW",
+        "DROP_EXTERNAL_TABLE",
+        "DROP_SNAPSHOT_TABLE",
+        "DROP_MODEL",
+        "DROP_FUNCTION",
+        "DROP_TABLE_FUNCTION",
+        "DROP_PROCEDURE",
+    }
+)
+_DESTRUCTIVE_DDL = frozenset({"DROP", "REPLACE"})
+_TRUNCATING_DISPOSITIONS = frozenset({"WRITE_TRUNCATE", "WRITE_TRUNCATE_DATA"})
+# The leading keywords of SQL that drops or truncates, after comments and whitespace. The
+# response's statement type is authoritative, so this only matters when no response arrives.
+_DESTRUCTIVE_SQL = re.compile(
+    r"(?:\s+|--[^\n]*\n?|#[^\n]*\n?|/\*.*?\*/)*(?:TRUNCATE\s+TABLE|DROP)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+_ABORT_SESSION_SQL = re.compile(
+    r"\s*CALL\s+BQ\.ABORT_SESSION\s*\(\s*(?:(?P<q>['\"])(?P<id>[^'\"]*)(?P=q))?\s*\)\s*;?\s*",
+    re.IGNORECASE,
+)
+_CONTENT_RANGE = re.compile(r"bytes (?:(?P<first>\d+)-(?P<last>\d+)|\*)/(?P<total>\d+|\*)")
 _JOB_ID_FORM = re.compile(r"(?:(?P<project>.+):)?(?:(?P<location>[^.:]+)\.)?(?P<job>[^.:]*)")
 
 
@@ -137,7 +169,9 @@ class RequestInfo:
     body. For jobs.insert they name the job's target table (the destination of a query, load or
     copy, the source of an extract). ``use_legacy_sql`` is the value as sent: BigQuery treats an
     absent value as true, but it is recorded as None. ``parameters`` is the ``queryParameters``
-    list as sent, never substituted into ``sql``.
+    list as sent, never substituted into ``sql``. ``bq_session_id`` is BigQuery's own session
+    id, unrelated to the recording's session. ``upload_bytes`` is the size of uploaded data,
+    which is never kept. ``destructive`` is True for calls that drop, truncate or overwrite.
     """
 
     api: str | None = None
@@ -158,7 +192,26 @@ class RequestInfo:
     request_id: str | None = None
     labels: Any = None
     row_count: int | None = None
+    insert_id_count: int | None = None
     upload_type: str | None = None
+    upload_id: str | None = None
+    upload_bytes: int | None = None
+    upload_total: int | None = None
+    content_range: str | None = None
+    job_creation_mode: str | None = None
+    create_session: bool | None = None
+    bq_session_id: str | None = None
+    session_action: str | None = None
+    parent_job_id: str | None = None
+    source_uris: Any = None
+    destination_uris: Any = None
+    source_tables: Any = None
+    source_format: str | None = None
+    destination_format: str | None = None
+    write_disposition: str | None = None
+    create_disposition: str | None = None
+    delete_contents: bool | None = None
+    destructive: bool | None = None
     starts_statement: bool = False
     decode_error: str | None = None
 
@@ -176,6 +229,8 @@ class ResponseInfo:
     ``rows_returned`` counts the rows of this page of a query or tabledata.list result, and is 0
     for a complete result without a ``rows`` field, because BigQuery leaves empty lists out.
     ``query_id`` is set by jobs.query, which may finish without creating a job.
+    ``parent_job_id`` is set on a script's child job; ``child_jobs`` summarises the children
+    that jobs.list returns for a parent. ``rows`` is the page's rows, only with ``keep_rows``.
     """
 
     project: str | None = None
@@ -194,6 +249,20 @@ class ResponseInfo:
     rows_returned: int | None = None
     total_rows: int | None = None
     cache_hit: bool | None = None
+    job_type: str | None = None
+    ddl_operation: str | None = None
+    ddl_target: str | None = None
+    slot_ms: int | None = None
+    dml_stats: Any = None
+    job_statistics: Any = None
+    num_child_jobs: int | None = None
+    parent_job_id: str | None = None
+    child_jobs: Any = None
+    bq_session_id: str | None = None
+    upload_id: str | None = None
+    upload_received: int | None = None
+    destructive: bool | None = None
+    rows: Any = None
     decode_error: str | None = None
 
     def as_record(self) -> dict[str, Any]:
@@ -466,11 +535,31 @@ def _decode_api_call(context: _RequestContext, rest: str, is_upload: bool) -> Re
     )
     if "job" in captures:
         info = _with_path_job_id(info, captures["job"])
+    info = _with_query_options(info, context.query)
     if route.api_method == "jobs.insert" and (is_upload or "uploadType" in context.query):
         return _decode_upload(info, context)
     if context.http_method in _READ_ONLY_HTTP_METHODS or context.http_method == "DELETE":
         return info
     return _decode_json_call(info, context)
+
+
+def _with_query_options(info: RequestInfo, query: dict[str, str]) -> RequestInfo:
+    """Add the query string's fields: a script's parent job, deleteContents, destructive deletes."""
+    method = info.api_method
+    if method == "jobs.list" and query.get("parentJobId"):
+        project, location, job_id = split_job_id(query["parentJobId"])
+        return dataclasses.replace(
+            info,
+            parent_job_id=job_id,
+            project=info.project or project,
+            location=info.location or location,
+        )
+    if method == "datasets.delete":
+        contents = query.get("deleteContents", "").strip().lower() == "true"
+        return dataclasses.replace(info, delete_contents=contents, destructive=contents or None)
+    if method in _DESTRUCTIVE_METHODS:
+        return dataclasses.replace(info, destructive=True)
+    return info
 
 
 def _with_path_job_id(info: RequestInfo, value: str) -> RequestInfo:
@@ -500,21 +589,98 @@ def _decode_job_insert(info: RequestInfo, job: dict[str, Any], fields: _Fields) 
     job_type, config = _job_type(configuration, fields)
     target = _job_target_table(job_type, config, fields)
     query: dict[str, Any] = config if job_type == "QUERY" else {}
-    return dataclasses.replace(
+    sql = fields.text(query, "query")
+    disposition = fields.text(config, "writeDisposition")
+    info = dataclasses.replace(
         info,
         project=info.project or fields.text(job, "jobReference.projectId"),
         location=fields.text(job, "jobReference.location") or info.location,
         job_id=fields.text(job, "jobReference.jobId"),
         dataset_id=fields.text(target, "datasetId"),
         table_id=fields.text(target, "tableId"),
-        sql=fields.text(query, "query"),
+        sql=sql,
         parameters=fields.array(query, "queryParameters"),
         parameter_mode=fields.text(query, "parameterMode"),
         dry_run=fields.flag(configuration, "dryRun"),
         use_legacy_sql=fields.flag(query, "useLegacySql"),
         job_type=job_type,
         labels=fields.obj(configuration, "labels"),
+        write_disposition=disposition,
+        create_disposition=fields.text(config, "createDisposition"),
+        destructive=_destructive(sql, disposition),
     )
+    info = _with_session(info, query, sql, fields)
+    if job_type == "LOAD":
+        return dataclasses.replace(
+            info,
+            source_uris=_uris(fields, config, "sourceUris"),
+            source_format=fields.text(config, "sourceFormat"),
+        )
+    if job_type == "EXTRACT":
+        return dataclasses.replace(
+            info,
+            destination_uris=_uris(fields, config, "destinationUris", "destinationUri"),
+            destination_format=fields.text(config, "destinationFormat"),
+        )
+    if job_type == "COPY":
+        sources = fields.array(config, "sourceTables")
+        if sources is None and fields.obj(config, "sourceTable") is not None:
+            sources = [config["sourceTable"]]
+        names = [_table_name(fields, source) for source in sources or []]
+        return dataclasses.replace(info, source_tables=[n for n in names if n] or None)
+    return info
+
+
+def _destructive(sql: str | None, disposition: str | None) -> bool | None:
+    if disposition in _TRUNCATING_DISPOSITIONS:
+        return True
+    if sql is not None and _DESTRUCTIVE_SQL.match(sql):
+        return True
+    return None
+
+
+def _with_session(
+    info: RequestInfo, source: dict[str, Any], sql: str | None, fields: _Fields
+) -> RequestInfo:
+    """Add the BigQuery session a query creates, runs in or aborts.
+
+    This id is BigQuery's own (``connectionProperties`` key ``session_id``), unrelated to the
+    recording's session id.
+    """
+    create = fields.flag(source, "createSession")
+    session_id = None
+    for prop in fields.array(source, "connectionProperties") or []:
+        if isinstance(prop, dict) and prop.get("key") == "session_id":
+            value = prop.get("value")
+            session_id = value if isinstance(value, str) else None
+    abort = _ABORT_SESSION_SQL.fullmatch(sql) if sql is not None else None
+    if abort is not None:
+        action: str | None = "abort"
+        session_id = abort["id"] or session_id
+    elif create:
+        action = "create"
+    else:
+        action = "use" if session_id else None
+    return dataclasses.replace(
+        info, create_session=create, bq_session_id=session_id, session_action=action
+    )
+
+
+def _uris(fields: _Fields, config: dict[str, Any], key: str, single: str | None = None) -> Any:
+    found = fields.array(config, key)
+    if found is None and single is not None:
+        one = fields.text(config, single)
+        found = [one] if one is not None else None
+    if found is None:
+        return None
+    return [uri for uri in found if isinstance(uri, str)]
+
+
+def _table_name(fields: _Fields, reference: Any) -> str | None:
+    if not isinstance(reference, dict):
+        return None
+    parts = [fields.text(reference, key) for key in ("projectId", "datasetId", "tableId")]
+    return ".".join(part for part in parts if part) or None
 
 
 def _job_type(configuration: dict[str, Any], fields: _Fields) -> tuple[str | None, dict[str, Any]]:
@@ -536,10 +702,11 @@ def _job_target_table(
 def _decode_query_request(
     info: RequestInfo, request: dict[str, Any], fields: _Fields
 ) -> RequestInfo:
-    return dataclasses.replace(
+    sql = fields.text(request, "query")
+    info = dataclasses.replace(
         info,
         location=fields.text(request, "location") or info.location,
-        sql=fields.text(request, "query"),
+        sql=sql,
         parameters=fields.array(request, "queryParameters"),
         parameter_mode=fields.text(request, "parameterMode"),
         dry_run=fields.flag(request, "dryRun"),
@@ -547,12 +714,18 @@ def _decode_query_request(
         job_type="QUERY",
         request_id=fields.text(request, "requestId"),
         labels=fields.obj(request, "labels"),
+        job_creation_mode=fields.text(request, "jobCreationMode"),
+        destructive=_destructive(sql, None),
     )
+    return _with_session(info, request, sql, fields)
 
 
 def _decode_insert_all(info: RequestInfo, request: dict[str, Any], fields: _Fields) -> RequestInfo:
     rows = fields.array(request, "rows")
-    return dataclasses.replace(info, row_count=None if rows is None else len(rows))
+    if rows is None:
+        return info
+    insert_ids = sum(1 for row in rows if isinstance(row, dict) and row.get("insertId"))
+    return dataclasses.replace(info, row_count=len(rows), insert_id_count=insert_ids)
 
 
 def _decode_resource_body(
@@ -589,13 +762,38 @@ def _decode_upload(info: RequestInfo, context: _RequestContext) -> RequestInfo:
     info = dataclasses.replace(info, upload_type=upload_type)
     if upload_type == "resumable" and "upload_id" in context.query:
         # A chunk of data for a job whose configuration came with the first request.
-        return dataclasses.replace(info, starts_statement=False)
+        return _decode_upload_chunk(info, context)
     if upload_type == "multipart":
         return _decode_multipart_upload(info, context)
     if upload_type == "resumable":
-        return _decode_json_call(info, context)
+        total = _parse_int64(context.header("x-upload-content-length") or "")
+        return dataclasses.replace(_decode_json_call(info, context), upload_total=total)
     return dataclasses.replace(
         info, decode_error=f"upload type {upload_type!r} carries no job configuration"
+    )
+
+
+def _decode_upload_chunk(info: RequestInfo, context: _RequestContext) -> RequestInfo:
+    """Decode a resumable upload's PUT from its headers alone; its data is never parsed."""
+    content_range = context.header("content-range")
+    length = _parse_int64(context.header("content-length") or "")
+    size = len(context.body) if context.body else length
+    total = None
+    problem = None
+    if content_range is not None:
+        match = _CONTENT_RANGE.fullmatch(content_range.strip())
+        if match is None:
+            problem = f"upload chunk has an invalid Content-Range: {_preview(content_range)}"
+        elif match["total"] != "*":
+            total = int(match["total"])
+    return dataclasses.replace(
+        info,
+        starts_statement=False,
+        upload_id=context.query.get("upload_id") or None,
+        upload_bytes=size,
+        upload_total=total,
+        content_range=content_range,
+        decode_error=problem,
     )
 
 
@@ -609,10 +807,30 @@ def _decode_multipart_upload(info: RequestInfo, context: _RequestContext) -> Req
     try:
         body = _decode_content(context.body, context.header("content-encoding"), truncate=True)
         part_headers, part_body = _first_multipart_part(body, boundary.encode("latin-1"))
+        data_size = _multipart_data_size(body, boundary.encode("latin-1"))
     except (_DecodeError, UnicodeEncodeError) as error:
         return dataclasses.replace(info, decode_error=str(error))
     part_context = dataclasses.replace(context, body=part_body, header=part_headers.get)
-    return _decode_json_call(info, part_context)
+    return dataclasses.replace(_decode_json_call(info, part_context), upload_bytes=data_size)
+
+
+def _multipart_data_size(body: bytes, boundary: bytes) -> int | None:
+    """Return the size of the data part (the second part) of a multipart upload."""
+    delimiter = b"--" + boundary
+    first = body.find(delimiter)
+    second = body.find(b"\n" + delimiter, first + len(delimiter)) if first >= 0 else -1
+    if second < 0:
+        return None
+    start = second + 1 + len(delimiter)
+    end = body.find(b"\n" + delimiter, start)
+    if end < 0:
+        return None
+    part = body[start:end].removesuffix(b"\r")
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        _, found, content = part.partition(separator)
+        if found:
+            return len(content)
+    return None
 
 
 def _first_multipart_part(body: bytes, boundary: bytes) -> tuple[dict[str, str], bytes]:
@@ -742,21 +960,42 @@ class _DuplicateKeys(_DecodeError):
 
 
 def decode_response(
-    request: RequestInfo, status: int, headers: Mapping[str, str], body: bytes
+    request: RequestInfo,
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    keep_rows: bool = False,
 ) -> ResponseInfo:
     """Decode the response to a request that ``decode_request`` decoded.
 
-    Returns an empty info when the request was not BigQuery REST. Never raises.
+    Returns an empty info when the request was not BigQuery REST. Never raises. With
+    ``keep_rows`` the ``rows`` of a result page are returned as sent; otherwise only counted.
     """
     if request.api is None:
         return ResponseInfo()
     try:
-        return _decode_response(request, status, headers, body)
+        info = _decode_response(request, status, headers, body)
+        if keep_rows and request.api_method in RESULT_METHODS and info.rows_returned:
+            return dataclasses.replace(info, rows=_rows_of(body, headers))
+        return info
     except Exception as error:  # noqa: BLE001 - the proxy must never fail on traffic.
         return ResponseInfo(
             outcome=_status_outcome(status),
             decode_error=f"response decoder failed: {type(error).__name__}",
         )
+
+
+RESULT_METHODS = frozenset({"jobs.query", "jobs.getQueryResults", "tabledata.list"})
+"""Methods whose responses carry result rows to the agent."""
+
+
+def _rows_of(body: bytes, headers: Mapping[str, str]) -> Any:
+    try:
+        payload, _ = _decode_json_body(body, _header_lookup(headers), "response")
+    except _DecodeError:
+        return None
+    return payload.get("rows") if isinstance(payload, dict) else None
 
 
 def _status_outcome(status: int) -> str | None:
@@ -778,6 +1017,8 @@ def _decode_response(
         payload, warning = _decode_json_body(body, header, "response")
     except _DecodeError as error:
         return dataclasses.replace(base, decode_error=str(error))
+    if request.upload_type == "resumable":
+        base = _with_upload_progress(base, header)
     if payload is None:
         return dataclasses.replace(base, decode_error=warning or _empty_body_error(request, status))
     fields = _Fields()
@@ -789,6 +1030,20 @@ def _decode_response(
     else:
         info = _decode_success(request, base, payload, fields)
     return dataclasses.replace(info, decode_error=fields.error(warning))
+
+
+def _with_upload_progress(base: ResponseInfo, header: Callable[[str], str | None]) -> ResponseInfo:
+    """Read the upload id a resumable upload's first response hands out, and the bytes received."""
+    upload_id = header("x-guploader-uploadid")
+    location = header("location")
+    if location:
+        values = parse_qs(urlsplit(location).query).get("upload_id")
+        upload_id = values[-1] if values else upload_id
+    received = None
+    match = re.fullmatch(r"bytes=0-(\d+)", (header("range") or "").strip())
+    if match:
+        received = int(match[1]) + 1
+    return dataclasses.replace(base, upload_id=upload_id, upload_received=received)
 
 
 def _empty_body_error(request: RequestInfo, status: int) -> str | None:
@@ -824,6 +1079,8 @@ def _decode_success(
     method = request.api_method
     if method in ("jobs.insert", "jobs.get"):
         return _decode_job(base, payload, fields)
+    if method == "jobs.list" and request.parent_job_id:
+        return _decode_child_jobs(base, payload, fields)
     if method == "jobs.cancel":
         return _decode_job(base, fields.obj(payload, "job") or {}, fields)
     if method in ("jobs.query", "jobs.getQueryResults"):
@@ -854,6 +1111,13 @@ def _decode_job(base: ResponseInfo, job: dict[str, Any], fields: _Fields) -> Res
         outcome = "running"
     else:
         outcome = base.outcome
+    job_type, _ = _job_type(fields.obj(job, "configuration") or {}, fields)
+    statement_type = fields.text(query, "statementType")
+    ddl_operation = fields.text(query, "ddlOperationPerformed")
+    transfer = _transfer_statistics(statistics, fields)
+    rows = fields.int64(query, "numDmlAffectedRows")
+    if rows is None and transfer is not None:
+        rows = transfer.get("output_rows", transfer.get("copied_rows"))
     return dataclasses.replace(
         base,
         project=fields.text(reference, "projectId"),
@@ -861,14 +1125,111 @@ def _decode_job(base: ResponseInfo, job: dict[str, Any], fields: _Fields) -> Res
         job_id=fields.text(reference, "jobId"),
         state=state,
         outcome=outcome,
-        statement_type=fields.text(query, "statementType"),
+        statement_type=statement_type,
         error_reason=fields.text(error_result, "reason"),
         error_message=fields.text(error_result, "message"),
         bytes_processed=_first_int64(fields, (query, statistics), "totalBytesProcessed"),
         bytes_billed=fields.int64(query, "totalBytesBilled"),
-        rows_affected=fields.int64(query, "numDmlAffectedRows"),
+        rows_affected=rows,
         cache_hit=fields.flag(query, "cacheHit"),
+        job_type=job_type or fields.text(job, "configuration.jobType"),
+        ddl_operation=ddl_operation,
+        ddl_target=_ddl_target(query, fields),
+        slot_ms=_first_int64(fields, (statistics, query), "totalSlotMs"),
+        dml_stats=_dml_stats(query, fields),
+        job_statistics=transfer,
+        num_child_jobs=fields.int64(statistics, "numChildJobs"),
+        parent_job_id=fields.text(statistics, "parentJobId"),
+        bq_session_id=fields.text(statistics, "sessionInfo.sessionId"),
+        destructive=_destructive_outcome(statement_type, ddl_operation),
     )
+
+
+def _destructive_outcome(statement_type: str | None, ddl_operation: str | None) -> bool | None:
+    if statement_type in DESTRUCTIVE_STATEMENT_TYPES or ddl_operation in _DESTRUCTIVE_DDL:
+        return True
+    return None
+
+
+def _ddl_target(query: dict[str, Any], fields: _Fields) -> str | None:
+    table = fields.obj(query, "ddlTargetTable")
+    if table is not None:
+        return _table_name(fields, table)
+    dataset = fields.obj(query, "ddlTargetDataset")
+    if dataset is not None:
+        parts = [fields.text(dataset, key) for key in ("projectId", "datasetId")]
+        return ".".join(part for part in parts if part) or None
+    routine = fields.obj(query, "ddlTargetRoutine")
+    if routine is not None:
+        keys = ("projectId", "datasetId", "routineId")
+        return ".".join(part for part in (fields.text(routine, k) for k in keys) if part) or None
+    return None
+
+
+_DML_STATS = (
+    ("inserted_rows", "insertedRowCount"),
+    ("deleted_rows", "deletedRowCount"),
+    ("updated_rows", "updatedRowCount"),
+)
+
+
+def _dml_stats(source: dict[str, Any], fields: _Fields) -> dict[str, int | None] | None:
+    stats = fields.obj(source, "dmlStats")
+    if stats is None:
+        return None
+    return {name: fields.int64(stats, key) for name, key in _DML_STATS}
+
+
+# Job statistics of load, extract and copy jobs: recorded name -> (statistics key, path).
+_TRANSFER_STATISTICS = {
+    "load": (
+        ("input_files", "inputFiles"),
+        ("input_bytes", "inputFileBytes"),
+        ("output_rows", "outputRows"),
+        ("output_bytes", "outputBytes"),
+        ("bad_records", "badRecords"),
+    ),
+    "extract": (("input_bytes", "inputBytes"),),
+    "copy": (("copied_rows", "copiedRows"), ("copied_bytes", "copiedLogicalBytes")),
+}
+
+
+def _transfer_statistics(statistics: dict[str, Any], fields: _Fields) -> dict[str, Any] | None:
+    for kind, keys in _TRANSFER_STATISTICS.items():
+        source = fields.obj(statistics, kind)
+        if source is None:
+            continue
+        found: dict[str, Any] = {name: fields.int64(source, key) for name, key in keys}
+        if kind == "extract":
+            counts = fields.array(source, "destinationUriFileCounts") or []
+            found["file_counts"] = [_parse_int64(count) for count in counts]
+        return {name: value for name, value in found.items() if value is not None}
+    return None
+
+
+def _decode_child_jobs(base: ResponseInfo, payload: dict[str, Any], fields: _Fields) -> ResponseInfo:
+    """Summarise the child jobs of a script that jobs.list with parentJobId returns."""
+    children: list[dict[str, Any]] = []
+    destructive = False
+    for item in fields.array(payload, "jobs") or []:
+        if not isinstance(item, dict):
+            continue
+        query = fields.obj(item, "statistics.query") or {}
+        children.append(
+            {
+                "job_id": fields.text(item, "jobReference.jobId"),
+                "location": fields.text(item, "jobReference.location"),
+                "state": fields.text(item, "state") or fields.text(item, "status.state"),
+                "statement_type": fields.text(query, "statementType"),
+                "ddl_operation": fields.text(query, "ddlOperationPerformed"),
+                "ddl_target": _ddl_target(query, fields),
+                "rows_affected": fields.int64(query, "numDmlAffectedRows"),
+            }
+        )
+        statement_type = fields.text(query, "statementType")
+        ddl_operation = fields.text(query, "ddlOperationPerformed")
+        destructive = destructive or bool(_destructive_outcome(statement_type, ddl_operation))
+    return dataclasses.replace(base, child_jobs=children, destructive=destructive or None)
 
 
 def _first_int64(fields: _Fields, sources: tuple[dict[str, Any], ...], key: str) -> int | None:
@@ -904,6 +1265,10 @@ def _decode_query_response(
         rows_returned=len(rows) if rows is not None else (0 if complete else None),
         total_rows=fields.int64(payload, "totalRows"),
         cache_hit=fields.flag(payload, "cacheHit"),
+        slot_ms=fields.int64(payload, "totalSlotMs"),
+        dml_stats=_dml_stats(payload, fields),
+        bq_session_id=fields.text(payload, "sessionInfo.sessionId"),
+        destructive=_destructive_outcome(fields.text(payload, "statementType"), None),
     )
 
 
@@ -925,3 +1290,48 @@ def _decode_insert_all_response(
         error_reason=reason,
         error_message=f"{summary}: {message}" if message else summary,
     )
+
+
+LABELLED_METHODS = frozenset({"jobs.insert", "jobs.query"})
+"""Calls whose body the proxy rewrites to add the recording's job label."""
+
+_LABEL_VALUE_CHARACTERS = re.compile(r"[^a-z0-9_-]")
+
+
+def label_value(session_id: str) -> str:
+    """Return ``session_id`` in BigQuery's label value form: lowercase, at most 63 characters."""
+    return _LABEL_VALUE_CHARACTERS.sub("_", session_id.lower())[:63]
+
+
+def add_job_label(
+    request: RequestInfo, headers: Mapping[str, str], body: bytes, key: str, value: str
+) -> bytes | None:
+    """Return the JSON body of a jobs.insert or jobs.query with ``key: value`` among its labels.
+
+    The result is the decoded (not Content-Encoded) body; None means the body is left as it is:
+    another call, a multipart upload, a body that does not decode to a JSON object, or labels
+    that are not an object. The agent's own labels are kept, except one under ``key``.
+    """
+    if request.api_method not in LABELLED_METHODS or request.upload_type == "multipart":
+        return None
+    if request.decode_error is not None:
+        return None
+    try:
+        payload, _ = _decode_json_body(body, _header_lookup(headers), "request")
+    except _DecodeError:
+        return None
+    except Exception:  # noqa: BLE001 - the proxy must never fail on traffic.
+        return None
+    if not isinstance(payload, dict):
+        return None
+    holder = payload
+    if request.api_method == "jobs.insert":
+        configuration = payload.setdefault("configuration", {})
+        if not isinstance(configuration, dict):
+            return None
+        holder = configuration
+    labels = holder.setdefault("labels", {})
+    if not isinstance(labels, dict):
+        return None
+    labels[key] = value
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -40,6 +40,13 @@ VERDICTS = [
                  "is not an address of", id="destination-other-allowed-host"),
     pytest.param(BIGQUERY, None, None, "no original destination address",
                  id="no-destination"),
+    pytest.param(BIGQUERY, None, ("198.18.100.10", 8443),
+                 "port 8443 is not allowed", id="allowed-host-other-port"),
+    pytest.param(BIGQUERY, None, ("198.18.0.1", 443),
+                 "destination 198.18.0.1:443 is the appliance itself", id="proxy-address"),
+    pytest.param(BIGQUERY, None, ("198.18.0.1", 15001),
+                 "is the appliance itself", id="proxy-port"),
+    pytest.param(None, None, ("127.0.0.1", 443), "is the appliance itself", id="loopback"),
     pytest.param(BIGQUERY, None, BIGQUERY_ADDRESS, None, id="allowed-without-host"),
     pytest.param(BIGQUERY, BIGQUERY, BIGQUERY_ADDRESS, None, id="allowed-with-host"),
     pytest.param("BigQuery.GoogleAPIs.com.", "bigquery.googleapis.com.", BIGQUERY_ADDRESS,
@@ -97,3 +104,34 @@ def test_requestheaders_approves_allowed(context: SessionContext, registry: Regi
 
     assert flow.response is None
     assert flow_state(flow) == {"approved": True}
+
+
+def test_authority_mismatch_blocked(context: SessionContext, registry: Registry) -> None:
+    flow = https_flow(context, BIGQUERY, BIGQUERY, BIGQUERY_ADDRESS)
+    flow.request.authority = "evil.example:443"
+
+    asyncio.run(Egress(registry).requestheaders(flow))
+
+    assert "request authority 'evil.example:443' does not match" in flow_state(flow)["blocked"]
+
+
+def test_connect_refused_and_recorded(context: SessionContext, registry: Registry) -> None:
+    flow = https_flow(context, BIGQUERY, BIGQUERY, BIGQUERY_ADDRESS)
+    flow.request.method = "CONNECT"
+    flow.request.authority = "evil.example:443"
+
+    asyncio.run(Egress(registry).requestheaders(flow))
+
+    assert flow.response is not None
+    assert flow.response.status_code == 403
+    assert "HTTP CONNECT to 'evil.example:443'" in flow_state(flow)["blocked"]
+    assert context.journal.count == 1
+
+
+def test_resolver_answers_accepted(context: SessionContext, registry: Registry) -> None:
+    context.dns_answers[BIGQUERY] = {"198.18.100.30"}
+
+    reason = asyncio.run(Egress(registry).verdict(context, BIGQUERY, None,
+                                                  ("198.18.100.30", 443)))
+
+    assert reason is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -110,7 +111,11 @@ def test_recursive_service_account_json(context: SessionContext, registry: Regis
     ("/computeMetadata/v1/project/project-id", 200, "proj"),
     (ACCOUNT_PATH + "/email", 200, "agent-analyst@proj.iam.gserviceaccount.com"),
     (ACCOUNT_PATH + "/scopes", 200, "\n".join(DEFAULT_SCOPES) + "\n"),
-    (ACCOUNT_PATH + "/", 200, "aliases\nemail\nidentity\nscopes\ntoken\n"),
+    (ACCOUNT_PATH + "/", 200, "aliases\nemail\nscopes\ntoken\n"),
+    ("/computeMetadata/v1/project", 200, "numeric-project-id\nproject-id\n"),
+    ("/computeMetadata/v1/universe/universe-domain", 200, "googleapis.com"),
+    (ACCOUNT_PATH + "/identity?audience=https://example.test", 404,
+     "ID tokens are not issued inside a recorded session.\n"),
     ("/computeMetadata/v1/instance/service-accounts/",
      200, "default/\nagent-analyst@proj.iam.gserviceaccount.com/\n"),
     ("/computeMetadata/v1/project/numeric-project-id", 404, "Not found\n"),
@@ -162,3 +167,45 @@ def test_unknown_client_gets_nothing(context: SessionContext, registry: Registry
     emulator.request(flow)
 
     assert flow.response is None
+
+
+def test_forwarded_request_forbidden(context: SessionContext, registry: Registry) -> None:
+    flow = metadata_flow(context, ACCOUNT_PATH + "/token",
+                         (FLAVOR, (b"X-Forwarded-For", b"10.0.0.1")))
+
+    response = answer(registry, flow)
+
+    assert response.status_code == 403
+    assert context.placeholder_token not in (response.text or "")
+
+
+def test_numeric_project_id_from_profile(context: SessionContext, registry: Registry) -> None:
+    context.profile = dataclasses.replace(context.profile, project_number="123456789012")
+
+    response = answer(registry, metadata_flow(context,
+                                              "/computeMetadata/v1/project/numeric-project-id"))
+
+    assert (response.status_code, response.text) == (200, "123456789012")
+
+
+@pytest.mark.parametrize(("principal", "email"), [
+    ("minted@proj.iam.gserviceaccount.com", "minted@proj.iam.gserviceaccount.com"),
+    ("principal://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/"
+     "subject/s", "agent-analyst@proj.iam.gserviceaccount.com"),
+], ids=["service-account", "federated"])
+def test_email_is_token_principal(context: SessionContext, registry: Registry, principal: str,
+                                  email: str) -> None:
+    context.principal = principal
+
+    response = answer(registry, metadata_flow(context, ACCOUNT_PATH + "/email"))
+
+    assert response.text == email
+
+
+def test_email_default_without_any_principal(context: SessionContext,
+                                             registry: Registry) -> None:
+    context.profile = dataclasses.replace(context.profile, principal=None)
+
+    response = answer(registry, metadata_flow(context, ACCOUNT_PATH + "/email"))
+
+    assert response.text == "default"

@@ -43,8 +43,17 @@ from google.cloud import bigquery
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 PROJECT = "local"
 DATASET = "agent_ds"
-REQUEST_HEADERS = ("content-type", "content-encoding", "x-goog-api-client")
-RESPONSE_HEADERS = ("content-type", "content-encoding")
+REQUEST_HEADERS = (
+    "content-type",
+    "content-encoding",
+    "x-goog-api-client",
+    "content-range",
+    "content-length",
+    "x-upload-content-length",
+)
+RESPONSE_HEADERS = ("content-type", "content-encoding", "location", "range")
+# Upload data is not kept in fixtures, only its size: the decoder never reads it.
+UPLOAD_DATA_TYPES = ("application/octet-stream", "*/*")
 PUBLIC_ORIGIN = ("https", "bigquery.googleapis.com")
 
 _exchanges: list[dict[str, Any]] = []
@@ -59,6 +68,14 @@ def _body_record(body: bytes | str | None) -> dict[str, str]:
         return {"body": body.decode("utf-8")}
     except UnicodeDecodeError:
         return {"body_base64": base64.b64encode(body).decode("ascii")}
+
+
+def _request_body_record(
+    request: requests.PreparedRequest, body: bytes | str | None
+) -> dict[str, Any]:
+    if "upload_id=" in str(request.url) and body:
+        return {"body": "", "body_omitted_bytes": len(body)}
+    return _body_record(body)
 
 
 def _public_url(url: str) -> str:
@@ -88,7 +105,7 @@ def _install_recorder(endpoint: str) -> None:
                         for name, value in request.headers.items()
                         if name.lower() in REQUEST_HEADERS
                     },
-                    **_body_record(body),
+                    **_request_body_record(request, body),
                 },
                 "response": {
                     "status": response.status_code,
@@ -310,6 +327,97 @@ def scenario_datasets_delete(client: bigquery.Client) -> None:
     client.delete_dataset(f"{PROJECT}.{DATASET}", delete_contents=True)
 
 
+def _unsaved(action: Callable[[], object]) -> None:
+    """Run set-up calls whose exchanges are not saved as fixtures."""
+    action()
+    _exchanges.clear()
+
+
+def _ensure_people(client: bigquery.Client) -> None:
+    def create() -> None:
+        client.create_dataset(f"{PROJECT}.{DATASET}", exists_ok=True)
+        schema = [bigquery.SchemaField("id", "INT64"), bigquery.SchemaField("name", "STRING")]
+        client.create_table(bigquery.Table(_table("people"), schema=schema), exists_ok=True)
+        client.insert_rows_json(_table("people"), [{"id": n, "name": f"p{n}"} for n in (1, 2)])
+
+    _unsaved(create)
+
+
+def scenario_script_children(client: bigquery.Client) -> None:
+    _ensure_people(client)
+    job = client.query(
+        "DECLARE n INT64 DEFAULT 2;\n"
+        "CREATE TABLE `local.agent_ds.scratch` AS SELECT id FROM `local.agent_ds.people` "
+        "WHERE id <= n;\nSELECT COUNT(*) AS c FROM `local.agent_ds.scratch`;",
+        job_id="capture_script_1",
+        job_retry=None,
+    )
+    job.result()
+    children = list(client.list_jobs(parent_job="capture_script_1"))
+    client.get_job(children[0].job_id, location="US")
+
+
+def scenario_extract_gcs(client: bigquery.Client) -> None:
+    _ensure_people(client)
+    client.extract_table(
+        _table("people"), "gs://agent-bucket/people-*.csv", job_id="capture_extract_1"
+    ).result()
+
+
+def scenario_copy_tables(client: bigquery.Client) -> None:
+    _ensure_people(client)
+    config = bigquery.CopyJobConfig(write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE)
+    client.copy_table(
+        _table("people"), _table("people_copy"), job_config=config, job_id="capture_copy_1"
+    ).result()
+
+
+def scenario_load_resumable(client: bigquery.Client) -> None:
+    _ensure_people(client)
+    from google.cloud.bigquery import client as client_module
+
+    client_module._DEFAULT_CHUNKSIZE = 256 * 1024  # type: ignore[attr-defined]
+    config = bigquery.LoadJobConfig(
+        source_format=bigquery.SourceFormat.CSV,
+        schema=[bigquery.SchemaField("id", "INT64"), bigquery.SchemaField("name", "STRING")],
+    )
+    data = b"".join(b"%d,resumable %060d\n" % (n, n) for n in range(1, 4001))
+    client.load_table_from_file(
+        io.BytesIO(data), _table("loaded_resumable"), job_config=config,
+        job_id="capture_resumable_1",
+    ).result()
+
+
+def scenario_bq_session(client: bigquery.Client) -> None:
+    job = client.query(
+        "SELECT 1 AS one", job_config=bigquery.QueryJobConfig(create_session=True),
+        job_id="capture_session_1", job_retry=None,
+    )
+    job.result()
+    session = bigquery.QueryJobConfig(
+        connection_properties=[
+            bigquery.ConnectionProperty("session_id", job.session_info.session_id)
+        ]
+    )
+    client.query_and_wait("SELECT 2 AS two", job_config=session)
+    client.query_and_wait("CALL BQ.ABORT_SESSION()", job_config=session)
+
+
+def scenario_ddl_drop(client: bigquery.Client) -> None:
+    _ensure_people(client)
+    client.query_and_wait("CREATE OR REPLACE TABLE `local.agent_ds.doomed` AS SELECT 1 AS x")
+    client.query(
+        "DROP TABLE `local.agent_ds.doomed`", job_id="capture_drop_1", job_retry=None
+    ).result()
+    client.query_and_wait("TRUNCATE TABLE `local.agent_ds.people`")
+
+
+def scenario_query_dry_run(client: bigquery.Client) -> None:
+    _ensure_people(client)
+    config = bigquery.QueryJobConfig(dry_run=True)
+    client.query_and_wait("SELECT name FROM `local.agent_ds.people`", job_config=config)
+
+
 SCENARIOS: list[Callable[[bigquery.Client], None]] = [
     scenario_datasets_insert,
     scenario_tables_insert,
@@ -334,6 +442,13 @@ SCENARIOS: list[Callable[[bigquery.Client], None]] = [
     scenario_tables_patch,
     scenario_tables_delete,
     scenario_datasets_delete,
+    scenario_script_children,
+    scenario_extract_gcs,
+    scenario_copy_tables,
+    scenario_load_resumable,
+    scenario_bq_session,
+    scenario_ddl_drop,
+    scenario_query_dry_run,
 ]
 
 

@@ -67,18 +67,147 @@ def bq(api_method: str, **fields: Any) -> dict[str, Any]:
     return {"api": "bigquery.v2", "api_method": api_method, "starts_statement": False} | fields
 
 
-SELECT_1 = "SELECT id, name FROM `local.agent_ds.people` WHERE id <= 3 ORDER BY id"
-SLOW_60000 = (
-    "SELECT SUM(MOD(a * b, 7)) AS s FROM UNNEST(GENERATE_ARRAY(1, 60000)) AS a, "
-    "UNNEST(GENERATE_ARRAY(1, 60000)) AS b"
-)
-SLOW_30000 = SLOW_60000.replace("60000", "30000")
-QUERY_ID_1 = "cfc2ffe4-ed22-41f1-ad33-ce50dcfe4bcc"
-LOCAL_US = {"project": "local", "location": "US"}
-ZERO_BYTES = {"bytes_processed": 0, "bytes_billed": 0, "cache_hit": False}
 
 # fixture name -> (expected non-None request fields, expected non-None response fields)
 EXPECTED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "bq_session-01.json": (
+        bq(
+            "jobs.insert",
+            project="local",
+            location="US",
+            job_id="capture_session_1",
+            sql="SELECT 1 AS one",
+            use_legacy_sql=False,
+            job_type="QUERY",
+            create_session=True,
+            session_action="create",
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_session_1",
+            "state": "DONE",
+            "outcome": "done",
+            "statement_type": "SELECT",
+            "bytes_processed": 0,
+            "bytes_billed": 0,
+            "cache_hit": False,
+            "job_type": "QUERY",
+            "bq_session_id": "z_algty_TUCWfD5XLDcDAA",
+        },
+    ),
+    "bq_session-02.json": (
+        bq("jobs.getQueryResults", project="local", location="US", job_id="capture_session_1"),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_session_1",
+            "job_complete": True,
+            "outcome": "done",
+            "statement_type": "SELECT",
+            "bytes_processed": 0,
+            "rows_returned": 0,
+            "total_rows": 1,
+            "cache_hit": False,
+        },
+    ),
+    "bq_session-03.json": (
+        bq(
+            "jobs.query",
+            project="local",
+            location="US",
+            sql="SELECT 2 AS two",
+            use_legacy_sql=False,
+            job_type="QUERY",
+            request_id="400cb70f-964e-43c0-b4a3-165de1ab3e01",
+            bq_session_id="z_algty_TUCWfD5XLDcDAA",
+            session_action="use",
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "400cb70f-964e-43c0-b4a3-165de1ab3e01",
+            "query_id": "400cb70f-964e-43c0-b4a3-165de1ab3e01",
+            "job_complete": True,
+            "outcome": "done",
+            "statement_type": "SELECT",
+            "bytes_processed": 0,
+            "bytes_billed": 0,
+            "rows_returned": 1,
+            "total_rows": 1,
+            "cache_hit": False,
+            "slot_ms": 0,
+            "bq_session_id": "z_algty_TUCWfD5XLDcDAA",
+        },
+    ),
+    "bq_session-04.json": (
+        bq(
+            "jobs.query",
+            project="local",
+            location="US",
+            sql="CALL BQ.ABORT_SESSION()",
+            use_legacy_sql=False,
+            job_type="QUERY",
+            request_id="83d8e92d-f2ad-4c0e-a683-acdf2060d7c4",
+            bq_session_id="z_algty_TUCWfD5XLDcDAA",
+            session_action="abort",
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "83d8e92d-f2ad-4c0e-a683-acdf2060d7c4",
+            "query_id": "83d8e92d-f2ad-4c0e-a683-acdf2060d7c4",
+            "job_complete": True,
+            "outcome": "done",
+            "bytes_processed": 0,
+            "bytes_billed": 0,
+            "rows_returned": 0,
+            "total_rows": 0,
+            "cache_hit": False,
+            "slot_ms": 0,
+            "bq_session_id": "z_algty_TUCWfD5XLDcDAA",
+        },
+    ),
+    "copy_tables-01.json": (
+        bq(
+            "jobs.insert",
+            project="local",
+            location="US",
+            job_id="capture_copy_1",
+            dataset_id="agent_ds",
+            table_id="people_copy",
+            job_type="COPY",
+            source_tables=["local.agent_ds.people"],
+            write_disposition="WRITE_TRUNCATE",
+            destructive=True,
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_copy_1",
+            "state": "DONE",
+            "outcome": "done",
+            "bytes_processed": 0,
+            "rows_affected": 6,
+            "job_type": "COPY",
+            "job_statistics": {"copied_rows": 6, "copied_bytes": 0},
+        },
+    ),
+    "datasets_delete-01.json": (
+        bq(
+            "datasets.delete",
+            project="local",
+            dataset_id="agent_ds",
+            delete_contents=True,
+            destructive=True,
+            starts_statement=True,
+        ),
+        {"outcome": "done"},
+    ),
     "datasets_insert-01.json": (
         bq(
             "datasets.insert",
@@ -89,164 +218,141 @@ EXPECTED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         ),
         {"outcome": "done"},
     ),
-    "tables_insert-01.json": (
-        bq(
-            "tables.insert",
-            project="local",
-            dataset_id="agent_ds",
-            table_id="people",
-            labels={},
-            starts_statement=True,
-        ),
-        {"outcome": "done"},
-    ),
-    "tabledata_insertall-01.json": (
-        bq(
-            "tabledata.insertAll",
-            project="local",
-            dataset_id="agent_ds",
-            table_id="people",
-            row_count=25,
-            starts_statement=True,
-        ),
-        {"outcome": "done"},
-    ),
-    "jobs_insert_query-01.json": (
-        bq(
-            "jobs.insert",
-            **LOCAL_US,
-            job_id="capture_select_1",
-            sql=SELECT_1,
-            use_legacy_sql=False,
-            job_type="QUERY",
-            labels={"agent": "nightly"},
-            starts_statement=True,
-        ),
-        {
-            **LOCAL_US,
-            "job_id": "capture_select_1",
-            "state": "DONE",
-            "outcome": "done",
-            "statement_type": "SELECT",
-            **ZERO_BYTES,
-        },
-    ),
-    "jobs_insert_query-02.json": (
-        bq("jobs.getQueryResults", **LOCAL_US, job_id="capture_select_1"),
-        {
-            **LOCAL_US,
-            "job_id": "capture_select_1",
-            "job_complete": True,
-            "outcome": "done",
-            "statement_type": "SELECT",
-            "bytes_processed": 0,
-            "cache_hit": False,
-            "rows_returned": 0,
-            "total_rows": 3,
-        },
-    ),
-    "jobs_get-01.json": (
-        bq("jobs.get", **LOCAL_US, job_id="capture_select_1"),
-        {
-            **LOCAL_US,
-            "job_id": "capture_select_1",
-            "state": "DONE",
-            "outcome": "done",
-            "statement_type": "SELECT",
-            **ZERO_BYTES,
-        },
-    ),
-    "jobs_query-01.json": (
+    "ddl_drop-01.json": (
         bq(
             "jobs.query",
-            **LOCAL_US,
-            sql="SELECT COUNT(*) AS n FROM `local.agent_ds.people`",
+            project="local",
+            location="US",
+            sql="CREATE OR REPLACE TABLE `local.agent_ds.doomed` AS SELECT 1 AS x",
             use_legacy_sql=False,
             job_type="QUERY",
-            request_id="17cde531-518b-48ab-af8d-8e8e32474e22",
+            request_id="428474c1-5e9e-4ba7-a6a8-6bd5a7550d23",
             starts_statement=True,
         ),
         {
-            **LOCAL_US,
-            "job_id": "17cde531-518b-48ab-af8d-8e8e32474e22",
-            "query_id": "17cde531-518b-48ab-af8d-8e8e32474e22",
+            "project": "local",
+            "location": "US",
+            "job_id": "428474c1-5e9e-4ba7-a6a8-6bd5a7550d23",
+            "query_id": "428474c1-5e9e-4ba7-a6a8-6bd5a7550d23",
             "job_complete": True,
             "outcome": "done",
-            "statement_type": "SELECT",
-            **ZERO_BYTES,
-            "rows_returned": 1,
-            "total_rows": 1,
-        },
-    ),
-    "query_paging-03.json": (
-        bq("jobs.getQueryResults", **LOCAL_US, job_id="capture_paging_1"),
-        {
-            **LOCAL_US,
-            "job_id": "capture_paging_1",
-            "job_complete": True,
-            "outcome": "done",
-            "statement_type": "SELECT",
+            "statement_type": "CREATE_TABLE_AS_SELECT",
             "bytes_processed": 0,
+            "bytes_billed": 0,
+            "rows_returned": 0,
+            "total_rows": 0,
             "cache_hit": False,
-            "rows_returned": 10,
-            "total_rows": 25,
+            "slot_ms": 0,
         },
     ),
-    "query_paging-04.json": (
-        bq("jobs.getQueryResults", **LOCAL_US, job_id="capture_paging_1"),
-        {
-            **LOCAL_US,
-            "job_id": "capture_paging_1",
-            "job_complete": True,
-            "outcome": "done",
-            "statement_type": "SELECT",
-            "bytes_processed": 0,
-            "cache_hit": False,
-            "rows_returned": 5,
-            "total_rows": 25,
-        },
-    ),
-    "tabledata_list-01.json": (
-        bq("tables.get", project="local", dataset_id="agent_ds", table_id="people"),
-        {"outcome": "done"},
-    ),
-    "tabledata_list-03.json": (
+    "ddl_drop-02.json": (
         bq(
-            "tabledata.list",
+            "jobs.insert",
             project="local",
-            dataset_id="agent_ds",
-            table_id="people",
+            location="US",
+            job_id="capture_drop_1",
+            sql="DROP TABLE `local.agent_ds.doomed`",
+            use_legacy_sql=False,
+            job_type="QUERY",
+            destructive=True,
             starts_statement=True,
         ),
-        {"outcome": "done", "rows_returned": 5, "total_rows": 25},
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_drop_1",
+            "state": "DONE",
+            "outcome": "done",
+            "statement_type": "DROP_TABLE",
+            "bytes_processed": 0,
+            "bytes_billed": 0,
+            "cache_hit": False,
+            "job_type": "QUERY",
+            "ddl_operation": "DROP",
+            "ddl_target": "local.agent_ds.doomed",
+            "destructive": True,
+        },
+    ),
+    "ddl_drop-03.json": (
+        bq("jobs.getQueryResults", project="local", location="US", job_id="capture_drop_1"),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_drop_1",
+            "job_complete": True,
+            "outcome": "done",
+            "statement_type": "DROP_TABLE",
+            "bytes_processed": 0,
+            "rows_returned": 0,
+            "total_rows": 0,
+            "cache_hit": False,
+            "destructive": True,
+        },
+    ),
+    "ddl_drop-04.json": (
+        bq(
+            "jobs.query",
+            project="local",
+            location="US",
+            sql="TRUNCATE TABLE `local.agent_ds.people`",
+            use_legacy_sql=False,
+            job_type="QUERY",
+            request_id="94a2de50-ff54-4939-a9d6-bd800bc49874",
+            destructive=True,
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "94a2de50-ff54-4939-a9d6-bd800bc49874",
+            "query_id": "94a2de50-ff54-4939-a9d6-bd800bc49874",
+            "job_complete": True,
+            "outcome": "done",
+            "statement_type": "TRUNCATE_TABLE",
+            "bytes_processed": 0,
+            "bytes_billed": 0,
+            "rows_affected": 10,
+            "rows_returned": 0,
+            "total_rows": 0,
+            "cache_hit": False,
+            "slot_ms": 0,
+            "destructive": True,
+        },
     ),
     "dml_update-01.json": (
         bq(
             "jobs.query",
-            **LOCAL_US,
+            project="local",
+            location="US",
             sql="UPDATE `local.agent_ds.people` SET score = score + 1 WHERE id > 20",
             use_legacy_sql=False,
             job_type="QUERY",
-            request_id=QUERY_ID_1,
+            request_id="cfc2ffe4-ed22-41f1-ad33-ce50dcfe4bcc",
             starts_statement=True,
         ),
         {
-            **LOCAL_US,
-            "job_id": QUERY_ID_1,
-            "query_id": QUERY_ID_1,
+            "project": "local",
+            "location": "US",
+            "job_id": "cfc2ffe4-ed22-41f1-ad33-ce50dcfe4bcc",
+            "query_id": "cfc2ffe4-ed22-41f1-ad33-ce50dcfe4bcc",
             "job_complete": True,
             "outcome": "done",
             "statement_type": "UPDATE",
-            **ZERO_BYTES,
+            "bytes_processed": 0,
+            "bytes_billed": 0,
             "rows_affected": 5,
             "rows_returned": 0,
             "total_rows": 0,
+            "cache_hit": False,
+            "slot_ms": 0,
+            "dml_stats": {"inserted_rows": None, "deleted_rows": None, "updated_rows": 5},
         },
     ),
     "dry_run-01.json": (
         bq(
             "jobs.insert",
-            **LOCAL_US,
+            project="local",
+            location="US",
             job_id="3f0279a1-abe7-420e-89e0-b9583a589e65",
             sql="SELECT name FROM `local.agent_ds.people` WHERE id = 7",
             dry_run=True,
@@ -254,175 +360,39 @@ EXPECTED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             job_type="QUERY",
             starts_statement=True,
         ),
-        # A dry run creates no job, so the response's jobReference has no jobId.
-        {**LOCAL_US, "state": "DONE", "outcome": "done", "statement_type": "SELECT", **ZERO_BYTES},
-    ),
-    "query_error-01.json": (
-        bq(
-            "jobs.query",
-            **LOCAL_US,
-            sql="SELEC 1",
-            use_legacy_sql=False,
-            job_type="QUERY",
-            request_id="d703d5b0-62c4-4228-9e5d-4d25c8ec9feb",
-            starts_statement=True,
-        ),
         {
-            "outcome": "error",
-            "error_reason": "invalidQuery",
-            "error_message": 'Syntax error: Unexpected identifier "SELEC" at [1:1]',
-        },
-    ),
-    "job_error-01.json": (
-        bq(
-            "jobs.insert",
-            **LOCAL_US,
-            job_id="capture_error_1",
-            sql="SELECT * FROM `local.agent_ds.missing_table`",
-            use_legacy_sql=False,
-            job_type="QUERY",
-            starts_statement=True,
-        ),
-        {
-            **LOCAL_US,
-            "job_id": "capture_error_1",
+            "project": "local",
+            "location": "US",
             "state": "DONE",
-            "outcome": "error",
-            "error_reason": "notFound",
-            "error_message": "Not found: Table local:agent_ds.missing_table was not found in "
-            "location US",
-            **ZERO_BYTES,
-        },
-    ),
-    "job_incomplete-01.json": (
-        bq(
-            "jobs.insert",
-            **LOCAL_US,
-            job_id="capture_slow_1",
-            sql=SLOW_60000,
-            use_legacy_sql=False,
-            job_type="QUERY",
-            starts_statement=True,
-        ),
-        {**LOCAL_US, "job_id": "capture_slow_1", "state": "RUNNING", "outcome": "running"},
-    ),
-    "job_incomplete-02.json": (
-        bq("jobs.getQueryResults", **LOCAL_US, job_id="capture_slow_1"),
-        {**LOCAL_US, "job_id": "capture_slow_1", "job_complete": False, "outcome": "running"},
-    ),
-    "job_incomplete-03.json": (
-        bq("jobs.get", **LOCAL_US, job_id="capture_slow_1"),
-        {**LOCAL_US, "job_id": "capture_slow_1", "state": "RUNNING", "outcome": "running"},
-    ),
-    "jobs_cancel-01.json": (
-        bq("jobs.cancel", **LOCAL_US, job_id="capture_slow_1", starts_statement=True),
-        {
-            **LOCAL_US,
-            "job_id": "capture_slow_1",
-            "state": "DONE",
-            "outcome": "error",
-            "error_reason": "stopped",
-            "error_message": "Job execution was cancelled: User requested cancellation",
-            **ZERO_BYTES,
-        },
-    ),
-    "jobs_list-01.json": (bq("jobs.list", project="local"), {"outcome": "done"}),
-    "query_incomplete-01.json": (
-        bq(
-            "jobs.query",
-            **LOCAL_US,
-            sql=SLOW_30000,
-            use_legacy_sql=False,
-            job_type="QUERY",
-            request_id="c8bd8770-d23a-42d9-bd31-09bf6bd33d83",
-            starts_statement=True,
-        ),
-        {
-            **LOCAL_US,
-            "job_id": "c8bd8770-d23a-42d9-bd31-09bf6bd33d83",
-            "query_id": "c8bd8770-d23a-42d9-bd31-09bf6bd33d83",
-            "job_complete": False,
-            "outcome": "running",
+            "outcome": "done",
+            "statement_type": "SELECT",
+            "bytes_processed": 0,
             "bytes_billed": 0,
+            "cache_hit": False,
+            "job_type": "QUERY",
         },
     ),
-    "load_multipart-01.json": (
+    "extract_gcs-01.json": (
         bq(
             "jobs.insert",
-            **LOCAL_US,
-            job_id="capture_load_1",
+            project="local",
+            location="US",
+            job_id="capture_extract_1",
             dataset_id="agent_ds",
-            table_id="loaded",
-            job_type="LOAD",
-            upload_type="multipart",
+            table_id="people",
+            job_type="EXTRACT",
+            destination_uris=["gs://agent-bucket/people-*.csv"],
             starts_statement=True,
         ),
         {
-            **LOCAL_US,
-            "job_id": "capture_load_1",
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_extract_1",
             "state": "DONE",
             "outcome": "done",
             "bytes_processed": 0,
-        },
-    ),
-    "tables_patch-02.json": (
-        bq(
-            "tables.patch",
-            project="local",
-            dataset_id="agent_ds",
-            table_id="people",
-            starts_statement=True,
-        ),
-        {"outcome": "done"},
-    ),
-    "tables_delete-01.json": (
-        bq(
-            "tables.delete",
-            project="local",
-            dataset_id="agent_ds",
-            table_id="loaded",
-            starts_statement=True,
-        ),
-        {"outcome": "done"},
-    ),
-    "datasets_delete-01.json": (
-        bq("datasets.delete", project="local", dataset_id="agent_ds", starts_statement=True),
-        {"outcome": "done"},
-    ),
-    "handedited-job_creation_optional_no_job.json": (
-        bq(
-            "jobs.query",
-            project="agent-project",
-            location="EU",
-            sql="SELECT 17 AS answer",
-            use_legacy_sql=False,
-            job_type="QUERY",
-            request_id="26b8e5ba-2d10-49f2-a2f5-6763d5236ac1",
-            starts_statement=True,
-        ),
-        {
-            "location": "EU",
-            "query_id": "AKuT0d7ZQ3xL2-uG9vYdWxN1sRk_",
-            "job_complete": True,
-            "outcome": "done",
-            **ZERO_BYTES,
-            "rows_returned": 1,
-            "total_rows": 1,
-        },
-    ),
-    "handedited-jobs_get_dml_statistics.json": (
-        bq("jobs.get", project="example.com:agent-project", location="EU", job_id="job_dml_1"),
-        {
-            "project": "example.com:agent-project",
-            "location": "EU",
-            "job_id": "job_dml_1",
-            "state": "DONE",
-            "outcome": "done",
-            "statement_type": "DELETE",
-            "bytes_processed": 1048576,
-            "bytes_billed": 10485760,
-            "rows_affected": 42,
-            "cache_hit": False,
+            "job_type": "EXTRACT",
+            "job_statistics": {"input_bytes": 0, "file_counts": [1]},
         },
     ),
     "handedited-getqueryresults_not_found.json": (
@@ -440,14 +410,547 @@ EXPECTED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             dataset_id="agent_ds",
             table_id="people",
             row_count=2,
+            insert_id_count=2,
             starts_statement=True,
         ),
         {
             "outcome": "error",
             "error_reason": "invalid",
-            "error_message": "1 rows were rejected: Cannot convert value to integer "
-            "(bad value): not a number",
+            "error_message": "1 rows were rejected: Cannot convert value to integer (bad value): not a number",
         },
+    ),
+    "handedited-job_creation_optional_no_job.json": (
+        bq(
+            "jobs.query",
+            project="agent-project",
+            location="EU",
+            sql="SELECT 17 AS answer",
+            use_legacy_sql=False,
+            job_type="QUERY",
+            request_id="26b8e5ba-2d10-49f2-a2f5-6763d5236ac1",
+            job_creation_mode="JOB_CREATION_OPTIONAL",
+            starts_statement=True,
+        ),
+        {
+            "location": "EU",
+            "query_id": "AKuT0d7ZQ3xL2-uG9vYdWxN1sRk_",
+            "job_complete": True,
+            "outcome": "done",
+            "bytes_processed": 0,
+            "bytes_billed": 0,
+            "rows_returned": 1,
+            "total_rows": 1,
+            "cache_hit": False,
+            "slot_ms": 3,
+        },
+    ),
+    "handedited-jobs_get_dml_statistics.json": (
+        bq("jobs.get", project="example.com:agent-project", location="EU", job_id="job_dml_1"),
+        {
+            "project": "example.com:agent-project",
+            "location": "EU",
+            "job_id": "job_dml_1",
+            "state": "DONE",
+            "outcome": "done",
+            "statement_type": "DELETE",
+            "bytes_processed": 1048576,
+            "bytes_billed": 10485760,
+            "rows_affected": 42,
+            "cache_hit": False,
+            "job_type": "QUERY",
+            "slot_ms": 2210,
+            "dml_stats": {"inserted_rows": None, "deleted_rows": 42, "updated_rows": None},
+        },
+    ),
+    "job_error-01.json": (
+        bq(
+            "jobs.insert",
+            project="local",
+            location="US",
+            job_id="capture_error_1",
+            sql="SELECT * FROM `local.agent_ds.missing_table`",
+            use_legacy_sql=False,
+            job_type="QUERY",
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_error_1",
+            "state": "DONE",
+            "outcome": "error",
+            "error_reason": "notFound",
+            "error_message": "Not found: Table local:agent_ds.missing_table was not found in location US",
+            "bytes_processed": 0,
+            "bytes_billed": 0,
+            "cache_hit": False,
+            "job_type": "QUERY",
+        },
+    ),
+    "job_incomplete-01.json": (
+        bq(
+            "jobs.insert",
+            project="local",
+            location="US",
+            job_id="capture_slow_1",
+            sql="SELECT SUM(MOD(a * b, 7)) AS s FROM UNNEST(GENERATE_ARRAY(1, 60000)) AS a, UNNEST(GENERATE_ARRAY(1, 60000)) AS b",
+            use_legacy_sql=False,
+            job_type="QUERY",
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_slow_1",
+            "state": "RUNNING",
+            "outcome": "running",
+            "job_type": "QUERY",
+        },
+    ),
+    "job_incomplete-02.json": (
+        bq("jobs.getQueryResults", project="local", location="US", job_id="capture_slow_1"),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_slow_1",
+            "job_complete": False,
+            "outcome": "running",
+        },
+    ),
+    "job_incomplete-03.json": (
+        bq("jobs.get", project="local", location="US", job_id="capture_slow_1"),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_slow_1",
+            "state": "RUNNING",
+            "outcome": "running",
+            "job_type": "QUERY",
+        },
+    ),
+    "jobs_cancel-01.json": (
+        bq(
+            "jobs.cancel",
+            project="local",
+            location="US",
+            job_id="capture_slow_1",
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_slow_1",
+            "state": "DONE",
+            "outcome": "error",
+            "error_reason": "stopped",
+            "error_message": "Job execution was cancelled: User requested cancellation",
+            "bytes_processed": 0,
+            "bytes_billed": 0,
+            "cache_hit": False,
+            "job_type": "QUERY",
+        },
+    ),
+    "jobs_get-01.json": (
+        bq("jobs.get", project="local", location="US", job_id="capture_select_1"),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_select_1",
+            "state": "DONE",
+            "outcome": "done",
+            "statement_type": "SELECT",
+            "bytes_processed": 0,
+            "bytes_billed": 0,
+            "cache_hit": False,
+            "job_type": "QUERY",
+        },
+    ),
+    "jobs_insert_query-01.json": (
+        bq(
+            "jobs.insert",
+            project="local",
+            location="US",
+            job_id="capture_select_1",
+            sql="SELECT id, name FROM `local.agent_ds.people` WHERE id <= 3 ORDER BY id",
+            use_legacy_sql=False,
+            job_type="QUERY",
+            labels={"agent": "nightly"},
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_select_1",
+            "state": "DONE",
+            "outcome": "done",
+            "statement_type": "SELECT",
+            "bytes_processed": 0,
+            "bytes_billed": 0,
+            "cache_hit": False,
+            "job_type": "QUERY",
+        },
+    ),
+    "jobs_insert_query-02.json": (
+        bq("jobs.getQueryResults", project="local", location="US", job_id="capture_select_1"),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_select_1",
+            "job_complete": True,
+            "outcome": "done",
+            "statement_type": "SELECT",
+            "bytes_processed": 0,
+            "rows_returned": 0,
+            "total_rows": 3,
+            "cache_hit": False,
+        },
+    ),
+    "jobs_list-01.json": (bq("jobs.list", project="local"), {"outcome": "done"}),
+    "jobs_query-01.json": (
+        bq(
+            "jobs.query",
+            project="local",
+            location="US",
+            sql="SELECT COUNT(*) AS n FROM `local.agent_ds.people`",
+            use_legacy_sql=False,
+            job_type="QUERY",
+            request_id="17cde531-518b-48ab-af8d-8e8e32474e22",
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "17cde531-518b-48ab-af8d-8e8e32474e22",
+            "query_id": "17cde531-518b-48ab-af8d-8e8e32474e22",
+            "job_complete": True,
+            "outcome": "done",
+            "statement_type": "SELECT",
+            "bytes_processed": 0,
+            "bytes_billed": 0,
+            "rows_returned": 1,
+            "total_rows": 1,
+            "cache_hit": False,
+            "slot_ms": 0,
+        },
+    ),
+    "load_multipart-01.json": (
+        bq(
+            "jobs.insert",
+            project="local",
+            location="US",
+            job_id="capture_load_1",
+            dataset_id="agent_ds",
+            table_id="loaded",
+            job_type="LOAD",
+            upload_type="multipart",
+            upload_bytes=15,
+            source_format="CSV",
+            write_disposition="WRITE_TRUNCATE",
+            destructive=True,
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_load_1",
+            "state": "DONE",
+            "outcome": "done",
+            "bytes_processed": 0,
+            "rows_affected": 2,
+            "job_type": "LOAD",
+            "job_statistics": {
+                "input_files": 1,
+                "input_bytes": 15,
+                "output_rows": 2,
+                "output_bytes": 32,
+                "bad_records": 0,
+            },
+        },
+    ),
+    "load_resumable-01.json": (
+        bq(
+            "jobs.insert",
+            project="local",
+            location="US",
+            job_id="capture_resumable_1",
+            dataset_id="agent_ds",
+            table_id="loaded_resumable",
+            job_type="LOAD",
+            upload_type="resumable",
+            source_format="CSV",
+            starts_statement=True,
+        ),
+        {"outcome": "done", "upload_id": "23fda0bc-bc59-49ee-a536-170bd3f1d9ed"},
+    ),
+    "load_resumable-02.json": (
+        bq(
+            "jobs.insert",
+            project="local",
+            upload_type="resumable",
+            upload_id="23fda0bc-bc59-49ee-a536-170bd3f1d9ed",
+            upload_bytes=262144,
+            content_range="bytes 0-262143/*",
+        ),
+        {"outcome": "running", "upload_received": 262144},
+    ),
+    "load_resumable-03.json": (
+        bq(
+            "jobs.insert",
+            project="local",
+            upload_type="resumable",
+            upload_id="23fda0bc-bc59-49ee-a536-170bd3f1d9ed",
+            upload_bytes=40749,
+            upload_total=302893,
+            content_range="bytes 262144-302892/302893",
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_resumable_1",
+            "state": "DONE",
+            "outcome": "done",
+            "bytes_processed": 0,
+            "rows_affected": 4000,
+            "job_type": "LOAD",
+            "job_statistics": {
+                "input_files": 1,
+                "input_bytes": 302893,
+                "output_rows": 4000,
+                "output_bytes": 64000,
+                "bad_records": 0,
+            },
+        },
+    ),
+    "query_dry_run-01.json": (
+        bq(
+            "jobs.query",
+            project="local",
+            location="US",
+            sql="SELECT name FROM `local.agent_ds.people`",
+            dry_run=True,
+            use_legacy_sql=False,
+            job_type="QUERY",
+            request_id="167dd41a-347a-4e47-8e5a-c63a43514e2e",
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_complete": True,
+            "outcome": "done",
+            "statement_type": "SELECT",
+            "bytes_processed": 0,
+            "rows_returned": 0,
+        },
+    ),
+    "query_error-01.json": (
+        bq(
+            "jobs.query",
+            project="local",
+            location="US",
+            sql="SELEC 1",
+            use_legacy_sql=False,
+            job_type="QUERY",
+            request_id="d703d5b0-62c4-4228-9e5d-4d25c8ec9feb",
+            starts_statement=True,
+        ),
+        {
+            "outcome": "error",
+            "error_reason": "invalidQuery",
+            "error_message": 'Syntax error: Unexpected identifier "SELEC" at [1:1]',
+        },
+    ),
+    "query_incomplete-01.json": (
+        bq(
+            "jobs.query",
+            project="local",
+            location="US",
+            sql="SELECT SUM(MOD(a * b, 7)) AS s FROM UNNEST(GENERATE_ARRAY(1, 30000)) AS a, UNNEST(GENERATE_ARRAY(1, 30000)) AS b",
+            use_legacy_sql=False,
+            job_type="QUERY",
+            request_id="c8bd8770-d23a-42d9-bd31-09bf6bd33d83",
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "c8bd8770-d23a-42d9-bd31-09bf6bd33d83",
+            "query_id": "c8bd8770-d23a-42d9-bd31-09bf6bd33d83",
+            "job_complete": False,
+            "outcome": "running",
+            "bytes_billed": 0,
+            "slot_ms": 0,
+        },
+    ),
+    "query_paging-03.json": (
+        bq("jobs.getQueryResults", project="local", location="US", job_id="capture_paging_1"),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_paging_1",
+            "job_complete": True,
+            "outcome": "done",
+            "statement_type": "SELECT",
+            "bytes_processed": 0,
+            "rows_returned": 10,
+            "total_rows": 25,
+            "cache_hit": False,
+        },
+    ),
+    "query_paging-04.json": (
+        bq("jobs.getQueryResults", project="local", location="US", job_id="capture_paging_1"),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_paging_1",
+            "job_complete": True,
+            "outcome": "done",
+            "statement_type": "SELECT",
+            "bytes_processed": 0,
+            "rows_returned": 5,
+            "total_rows": 25,
+            "cache_hit": False,
+        },
+    ),
+    "script_children-01.json": (
+        bq(
+            "jobs.insert",
+            project="local",
+            location="US",
+            job_id="capture_script_1",
+            sql="DECLARE n INT64 DEFAULT 2;\nCREATE TABLE `local.agent_ds.scratch` AS SELECT id FROM `local.agent_ds.people` WHERE id <= n;\nSELECT COUNT(*) AS c FROM `local.agent_ds.scratch`;",
+            use_legacy_sql=False,
+            job_type="QUERY",
+            starts_statement=True,
+        ),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_script_1",
+            "state": "DONE",
+            "outcome": "done",
+            "statement_type": "SCRIPT",
+            "bytes_processed": 0,
+            "bytes_billed": 0,
+            "cache_hit": False,
+            "job_type": "QUERY",
+            "num_child_jobs": 2,
+        },
+    ),
+    "script_children-02.json": (
+        bq("jobs.getQueryResults", project="local", location="US", job_id="capture_script_1"),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "capture_script_1",
+            "job_complete": True,
+            "outcome": "done",
+            "statement_type": "SCRIPT",
+            "bytes_processed": 0,
+            "rows_returned": 0,
+            "total_rows": 1,
+            "cache_hit": False,
+        },
+    ),
+    "script_children-03.json": (
+        bq("jobs.list", project="local", parent_job_id="capture_script_1"),
+        {
+            "outcome": "done",
+            "child_jobs": [
+                {
+                    "job_id": "script_job_capture_script_1_1",
+                    "location": "US",
+                    "state": "DONE",
+                    "statement_type": "SELECT",
+                    "ddl_operation": None,
+                    "ddl_target": None,
+                    "rows_affected": None,
+                },
+                {
+                    "job_id": "script_job_capture_script_1_0",
+                    "location": "US",
+                    "state": "DONE",
+                    "statement_type": "CREATE_TABLE_AS_SELECT",
+                    "ddl_operation": "CREATE",
+                    "ddl_target": "local.agent_ds.scratch",
+                    "rows_affected": None,
+                },
+            ],
+        },
+    ),
+    "script_children-04.json": (
+        bq("jobs.get", project="local", location="US", job_id="script_job_capture_script_1_1"),
+        {
+            "project": "local",
+            "location": "US",
+            "job_id": "script_job_capture_script_1_1",
+            "state": "DONE",
+            "outcome": "done",
+            "statement_type": "SELECT",
+            "bytes_processed": 0,
+            "bytes_billed": 0,
+            "cache_hit": False,
+            "job_type": "QUERY",
+            "parent_job_id": "capture_script_1",
+        },
+    ),
+    "tabledata_insertall-01.json": (
+        bq(
+            "tabledata.insertAll",
+            project="local",
+            dataset_id="agent_ds",
+            table_id="people",
+            row_count=25,
+            insert_id_count=25,
+            starts_statement=True,
+        ),
+        {"outcome": "done"},
+    ),
+    "tabledata_list-01.json": (
+        bq("tables.get", project="local", dataset_id="agent_ds", table_id="people"),
+        {"outcome": "done"},
+    ),
+    "tabledata_list-03.json": (
+        bq(
+            "tabledata.list",
+            project="local",
+            dataset_id="agent_ds",
+            table_id="people",
+            starts_statement=True,
+        ),
+        {"outcome": "done", "rows_returned": 5, "total_rows": 25},
+    ),
+    "tables_delete-01.json": (
+        bq(
+            "tables.delete",
+            project="local",
+            dataset_id="agent_ds",
+            table_id="loaded",
+            destructive=True,
+            starts_statement=True,
+        ),
+        {"outcome": "done"},
+    ),
+    "tables_insert-01.json": (
+        bq(
+            "tables.insert",
+            project="local",
+            dataset_id="agent_ds",
+            table_id="people",
+            labels={},
+            starts_statement=True,
+        ),
+        {"outcome": "done"},
+    ),
+    "tables_patch-02.json": (
+        bq(
+            "tables.patch",
+            project="local",
+            dataset_id="agent_ds",
+            table_id="people",
+            starts_statement=True,
+        ),
+        {"outcome": "done"},
     ),
 }
 
@@ -929,3 +1432,172 @@ def mutate(data: st.DataObject, body: bytes) -> bytes:
     if kind == "cut":
         return body[:position]
     return body[:position] + data.draw(st.binary(min_size=1, max_size=8)) + body[position:]
+
+
+# --- statements beyond queries: destructive calls, sessions, uploads, labels ---------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "destructive"),
+    [
+        ("DROP TABLE d.t", True),
+        ("  -- cleanup\n/* old */ truncate table d.t", True),
+        ("# legacy comment\nDROP SCHEMA d CASCADE", True),
+        ("DELETE FROM d.t WHERE true", None),
+        ("SELECT 'DROP TABLE d.t'", None),
+        ("CREATE TABLE d.dropped AS SELECT 1", None),
+    ],
+)
+def test_destructive_sql_flagged_before_response(sql: str, destructive: bool | None) -> None:
+    body = json.dumps({"query": sql}).encode()
+    assert decode_request("POST", QUERIES_URL, JSON_HEADERS, body).destructive is destructive
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "destructive"),
+    [
+        ("DELETE", "projects/p/datasets/d?deleteContents=true", True),
+        ("DELETE", "projects/p/datasets/d?deleteContents=false", None),
+        ("DELETE", "projects/p/datasets/d", None),
+        ("DELETE", "projects/p/datasets/d/tables/t", True),
+        ("DELETE", "projects/p/datasets/d/models/m", True),
+        ("DELETE", "projects/p/datasets/d/routines/r", True),
+        ("GET", "projects/p/datasets/d/tables/t", None),
+    ],
+)
+def test_destructive_admin_calls(method: str, path: str, destructive: bool | None) -> None:
+    url = f"https://bigquery.googleapis.com/bigquery/v2/{path}"
+    assert decode_request(method, url, {}, b"").destructive is destructive
+
+
+@pytest.mark.parametrize(
+    ("sql", "session_id"),
+    [
+        ("CALL BQ.ABORT_SESSION()", "from-properties"),
+        ("call bq.abort_session('explicit-id');", "explicit-id"),
+    ],
+)
+def test_abort_session_is_recorded(sql: str, session_id: str) -> None:
+    body = json.dumps(
+        {"query": sql, "connectionProperties": [{"key": "session_id", "value": "from-properties"}]}
+    ).encode()
+    info = decode_request("POST", QUERIES_URL, JSON_HEADERS, body)
+    assert (info.session_action, info.bq_session_id) == ("abort", session_id)
+
+
+def test_jobs_list_children_destructive() -> None:
+    url = "https://bigquery.googleapis.com/bigquery/v2/projects/p/jobs?parentJobId=p:EU.script_1"
+    info = decode_request("GET", url, {}, b"")
+    assert (info.parent_job_id, info.location) == ("script_1", "EU")
+    body = json.dumps(
+        {"jobs": [{"jobReference": {"jobId": "c1"}, "statistics": {"query": {
+            "statementType": "DROP_TABLE", "ddlOperationPerformed": "DROP"}}}]}
+    ).encode()
+    response = decode_response(info, 200, JSON_HEADERS, body)
+    assert response.destructive is True
+    assert response.child_jobs[0]["job_id"] == "c1"
+
+
+def test_ddl_statistics_from_jobs_get() -> None:
+    info = decode_request("GET", JOBS_URL + "/j", {}, b"")
+    body = json.dumps(
+        {
+            "jobReference": {"jobId": "j"},
+            "status": {"state": "DONE"},
+            "statistics": {
+                "totalSlotMs": "1234",
+                "query": {
+                    "statementType": "CREATE_TABLE_AS_SELECT",
+                    "ddlOperationPerformed": "REPLACE",
+                    "ddlTargetTable": {"projectId": "p", "datasetId": "d", "tableId": "t"},
+                    "dmlStats": {"insertedRowCount": "5"},
+                },
+            },
+        }
+    ).encode()
+    response = decode_response(info, 200, JSON_HEADERS, body)
+    assert (response.ddl_operation, response.ddl_target, response.slot_ms) == (
+        "REPLACE",
+        "p.d.t",
+        1234,
+    )
+    assert response.dml_stats == {"inserted_rows": 5, "deleted_rows": None, "updated_rows": None}
+    assert response.destructive is True
+
+
+@pytest.mark.parametrize(
+    ("content_range", "total", "error"),
+    [
+        ("bytes 0-9/100", 100, None),
+        ("bytes */100", 100, None),
+        ("bytes 0-9/*", None, None),
+        ("bytes=0-9", None, "upload chunk has an invalid Content-Range: 'bytes=0-9'"),
+    ],
+)
+def test_upload_chunk_content_range(content_range: str, total: int | None, error: str | None) -> None:
+    url = (
+        "https://bigquery.googleapis.com/upload/bigquery/v2/projects/p/jobs"
+        "?uploadType=resumable&upload_id=U1"
+    )
+    headers = {"Content-Range": content_range, "Content-Length": "10"}
+    info = decode_request("PUT", url, headers, b"")
+    assert (info.upload_id, info.upload_bytes, info.upload_total, info.decode_error) == (
+        "U1",
+        10,
+        total,
+        error,
+    )
+
+
+def test_insert_all_counts_insert_ids_not_values() -> None:
+    body = json.dumps(
+        {"rows": [{"insertId": "a", "json": {"ssn": "123"}}, {"json": {"ssn": "456"}}]}
+    ).encode()
+    url = "https://bigquery.googleapis.com/bigquery/v2/projects/p/datasets/d/tables/t/insertAll"
+    info = decode_request("POST", url, JSON_HEADERS, body)
+    assert (info.row_count, info.insert_id_count) == (2, 1)
+    assert "123" not in json.dumps(info.as_record())
+
+
+@pytest.mark.parametrize(
+    ("fixture", "path"),
+    [
+        ("jobs_insert_query-01.json", ("configuration", "labels")),
+        ("jobs_query-01.json", ("labels",)),
+        ("load_resumable-01.json", ("configuration", "labels")),
+    ],
+)
+def test_job_label_merged_with_agent_labels(fixture: str, path: tuple[str, ...]) -> None:
+    request = load_fixture(fixture)["request"]
+    body = body_bytes(request)
+    info = decode_request(request["method"], request["url"], request["headers"], body)
+    labelled = rest.add_job_label(info, request["headers"], body, "appliance-session", "s1")
+    assert labelled is not None
+    found: Any = json.loads(labelled)
+    original: Any = json.loads(body)
+    for key in path:
+        found, original = found[key], (original or {}).get(key)
+    assert found == {**(original or {}), "appliance-session": "s1"}
+
+
+@pytest.mark.parametrize(
+    "fixture", ["load_multipart-01.json", "tables_insert-01.json", "jobs_get-01.json"]
+)
+def test_job_label_only_on_json_job_calls(fixture: str) -> None:
+    request = load_fixture(fixture)["request"]
+    body = body_bytes(request)
+    info = decode_request(request["method"], request["url"], request["headers"], body)
+    assert rest.add_job_label(info, request["headers"], body, "k", "v") is None
+
+
+def test_label_value_is_bigquery_form() -> None:
+    assert rest.label_value("20261204T202016Z-78626f46") == "20261204t202016z-78626f46"
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=JSON_VALUES, method=st.sampled_from([JOBS_URL, QUERIES_URL]))
+def test_random_bodies_never_break_labelling(payload: Any, method: str) -> None:
+    body = json.dumps(payload).encode()
+    info = decode_request("POST", method, JSON_HEADERS, body)
+    labelled = rest.add_job_label(info, JSON_HEADERS, body, "k", "v")
+    assert labelled is None or isinstance(json.loads(labelled), dict)

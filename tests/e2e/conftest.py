@@ -43,7 +43,10 @@ def _required_env(name: str) -> str:
 @pytest.fixture(scope="session")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
     upstream_python = _required_env("APPLIANCE_UPSTREAM_PYTHON")
-    with Cloud(tmp_path_factory.mktemp("cloud"), upstream_python, subnet=CLOUD_SUBNET) as cloud:
+    # The upstream accepts only tokens the cloud's stub token services issued, so a request the
+    # appliance forwarded with the agent's placeholder fails as it would at Google.
+    with Cloud(tmp_path_factory.mktemp("cloud"), upstream_python, subnet=CLOUD_SUBNET,
+               verify_tokens=True) as cloud:
         yield cloud
 
 
@@ -133,13 +136,19 @@ def write_config(path: Path, cloud: Cloud, store: Path, shared: dict[str, Path],
     allow = ["bigquery.googleapis.com", "bigquerystorage.googleapis.com", "www.googleapis.com",
              "example.test"]
     document = {
-        "store": {"path": str(store)},
+        # The signing key stays beside the test store, not in /etc/appliance.
+        "store": {"path": str(store), "signing_key": str(store.parent / "signing-key.pem")},
         "runtime_dir": str(shared["run"]),
         "proxy": {"ca_dir": str(shared["ca"]), "upstream_ca_file": str(cloud.ca_file)},
         "network": {"pool": SESSION_POOL,
                     "hosts": {**cloud.hosts, "blocked.test": cloud.echo_address}},
         "agents": agents or {"default": {"project": cloud.project, "allow_hosts": allow}},
     }
+    # A profile that names no credentials mints real tokens as the cloud's test service account.
+    assert cloud.identities is not None
+    runner = {"source": "service_account_key", "file": str(cloud.identities.service_account_key)}
+    document["agents"] = {name: {"credentials": runner, **body}
+                          for name, body in document["agents"].items()}
     if agents:
         document["default_agent"] = sorted(agents)[0]
     path.write_text(yaml.safe_dump(document))

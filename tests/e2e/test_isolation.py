@@ -80,16 +80,26 @@ def test_direct_connection_elsewhere_fails(appliance: Appliance, cloud: Cloud) -
                for event in blocked), blocked
 
 
-def test_other_host_recorded_as_generic(appliance: Appliance) -> None:
-    write_script(appliance, "other.py", """
+def test_other_host_recorded_as_generic(appliance: Appliance, cloud: Cloud) -> None:
+    write_script(appliance, "other.py", f"""
+        import socket
         import requests
         allowed = requests.get("https://example.test/some/path?x=1", timeout=10)
         print("allowed", allowed.status_code)
+        try:
+            socket.gethostbyname("blocked.test")
+        except socket.gaierror:
+            print("dns refused")
+        # The session resolver refuses blocked.test, so the agent uses an address it knows.
+        real_getaddrinfo = socket.getaddrinfo
+        socket.getaddrinfo = lambda host, *rest, **named: real_getaddrinfo(
+            "{cloud.echo_address}" if host == "blocked.test" else host, *rest, **named)
         blocked = requests.get("https://blocked.test/secret", timeout=10)
         print("blocked", blocked.status_code, blocked.json()["error"]["status"])
     """)
     result = appliance.run_agent("python other.py")
     assert "allowed 200" in result.stdout
+    assert "dns refused" in result.stdout
     assert "blocked 403 PERMISSION_DENIED" in result.stdout
     session_id = session_id_of(result)
     requests_seen = [e for e in events(appliance, session_id, "request")

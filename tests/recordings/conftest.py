@@ -28,7 +28,7 @@ SESSION_DETAIL = {
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    created = Store(tmp_path / "store")
+    created = Store(tmp_path / "store", signing_key=tmp_path / "keys" / "signing-key.pem")
     created.ensure()
     return created
 

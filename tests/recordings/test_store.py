@@ -6,9 +6,8 @@ import hashlib
 import json
 import os
 import stat
-from pathlib import Path
-
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -267,9 +266,9 @@ def test_open_journal_locked_from_creation(store: Store,
     def rename_after_other_recover(source: str, target: str) -> None:
         # Another appliance process starting now runs recover() over the journal directory,
         # both before and after the new journal gets its final name.
-        recovered_meanwhile.extend(Store(store.root).recover())
+        recovered_meanwhile.extend(Store(store.root, store.signing_key).recover())
         real_rename(source, target)
-        recovered_meanwhile.extend(Store(store.root).recover())
+        recovered_meanwhile.extend(Store(store.root, store.signing_key).recover())
 
     monkeypatch.setattr(os, "rename", rename_after_other_recover)
     journal = store.open_journal(SESSION_ID)

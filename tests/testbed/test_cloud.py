@@ -222,29 +222,16 @@ def test_echo_server_over_tls_and_plain_http(cloud: Cloud, client: bigquery.Clie
 
 
 def test_stub_token_sets_session_user(cloud: Cloud, client: bigquery.Client) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
     from google.oauth2 import service_account
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    email = "agent@demo-project.iam.gserviceaccount.com"
-    info = {
-        "type": "service_account",
-        "project_id": cloud.project,
-        "private_key_id": "testbed",
-        "private_key": key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode(),
-        "client_email": email,
-        "token_uri": "https://oauth2.googleapis.com/token",
-    }
-    credentials = service_account.Credentials.from_service_account_info(
-        info, scopes=["https://www.googleapis.com/auth/bigquery"]
+    # The stub token endpoint verifies the assertion against the cloud's registered key.
+    assert cloud.identities is not None
+    credentials = service_account.Credentials.from_service_account_file(
+        str(cloud.identities.service_account_key),
+        scopes=["https://www.googleapis.com/auth/bigquery"],
     )
     agent = bigquery.Client(project=cloud.project, credentials=credentials)
-    assert rows(agent, "SELECT SESSION_USER()") == [(email,)]
+    assert rows(agent, "SELECT SESSION_USER()") == [(cloud.identities.runner,)]
 
 
 def test_teardown_removes_namespace_and_link(tmp_path: Path) -> None:
