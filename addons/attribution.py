@@ -2,9 +2,9 @@
 
 The session comes from the client's source address alone. For a connection from a session,
 the process inside the namespace that owns the client socket is looked up as soon as the
-connection arrives (appliance.processes, in a worker thread so the event loop never reads
-/proc), and its description is put into each flow's state under `process`, where the egress
-policy and the recorder put it into the flow's events.
+connection arrives, with appliance.processes in a worker thread, so the event loop never reads
+/proc. Its description goes into each flow's state under `process`, from where the egress
+policy and the recorder copy it into the flow's events.
 """
 
 from __future__ import annotations
@@ -48,9 +48,7 @@ class Attribution:
     async def _lookup(self, context: SessionContext, client: connection.Client) -> dict[str, Any]:
         if context.sandbox_pid is None or not client.peername:
             return {"error": "the agent has not started yet"}
-        address, port = client.peername[0], client.peername[1]
-        if address.startswith("::ffff:"):
-            address = address[len("::ffff:"):]
+        address, port = client.peername[0].removeprefix("::ffff:"), client.peername[1]
         try:
             found = await asyncio.wait_for(
                 asyncio.to_thread(processes.owner, context.sandbox_pid, address, port),

@@ -7,11 +7,12 @@ For each request that egress policy approved to a Google API host (`*.googleapis
   is replaced by the real token the session's `TokenSource` minted (cached, refreshed before
   it expires, one refresh shared by concurrent requests, minted off the event loop);
 - any other credential (a key or token the agent brought or minted itself, an API key, another
-  session's placeholder) is refused with 403 in Google's JSON error format, and so is every
-  call to Google's token services (oauth2, sts, the token methods of iamcredentials, the
-  legacy /oauth2/ paths): agents get tokens only from the session's metadata server. A
-  refusal is recorded as a `blocked` event naming the credential's kind and fingerprint.
-  An agent profile with `allow_foreign_credentials: true` lets such requests pass unchanged;
+  session's placeholder) is rejected with 403 in Google's JSON error format.
+- every call to Google's token services (oauth2, sts, the token methods of iamcredentials, the
+  legacy /oauth2/ paths) is rejected the same way, because agents get tokens only from the
+  session's metadata server.
+- A rejection is recorded as a `blocked` event naming the credential's kind and fingerprint.
+  An agent profile with `allow_foreign_credentials: true` lets such requests pass unchanged.
 - a request without any credential passes unchanged.
 
 Nothing else in the request changes: headers of credential features such as
@@ -38,10 +39,10 @@ logger = logging.getLogger(__name__)
 PLACEHOLDER_PREFIX = "ya29.appliance-placeholder."
 TOKEN_QUERY_PARAMETERS = ("access_token", "oauth_token")
 API_KEY_HEADER = "x-goog-api-key"
-# Methods of iamcredentials that mint or sign; its other calls (allowedLocations) are reads.
+# Methods of iamcredentials that mint or sign. Its other calls (allowedLocations) are reads.
 IAM_TOKEN_METHODS = (":generateAccessToken", ":generateIdToken", ":signBlob", ":signJwt")
 TOKEN_SERVICE_PREFIXES = ("oauth2.", "sts.")
-# Body fields of token-service calls that hold the credential being exchanged.
+# Body fields of token-service calls that contain the credential being exchanged.
 TOKEN_CALL_SECRETS = ("assertion", "refresh_token", "subject_token", "client_secret", "code")
 
 
@@ -142,7 +143,7 @@ def google_error(status: int, code: str, message: str, reason: str) -> http.Resp
 
 
 class CredentialSubstitution:
-    """Swaps the placeholder for the real token and refuses every other credential."""
+    """Swaps the placeholder for the real token and rejects every other credential."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -163,20 +164,22 @@ class CredentialSubstitution:
         service = token_service(host, flow.request.path)
         foreign = [p for p in presented if p.kind != "placeholder"]
         if service is not None or foreign:
-            what = (f"call to Google's token service {service}" if service is not None
-                    else "foreign credential " + ", ".join(p.describe() for p in foreign))
+            description = (f"call to Google's token service {service}" if service is not None
+                           else "foreign credential "
+                           + ", ".join(p.describe() for p in foreign))
             if allow:
                 logger.info("Session %s flow %s: passing %s through, as agent profile %s "
-                            "allows", context.session_id, flow.id, what, context.profile.name)
-                state["foreign_credential"] = what
+                            "allows", context.session_id, flow.id, description,
+                            context.profile.name)
+                state["foreign_credential"] = description
                 return
-            self._refuse_foreign(flow, context, what, token_call=service is not None)
+            self._reject_foreign(flow, context, description, token_call=service is not None)
             return
         if presented:
             await self._substitute(flow, context, presented)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        """Add the kind and fingerprint of a refused token call's body credential."""
+        """Add the kind and fingerprint of a rejected token call's body credential."""
         state = flow_state(flow)
         if not state.get("token_call"):
             return
@@ -189,7 +192,7 @@ class CredentialSubstitution:
             state["blocked"] = f"{state['blocked']} [{extra}]"
 
     def response(self, flow: http.HTTPFlow) -> None:
-        """After Google refuses a substituted token, make the next request mint a new one."""
+        """After Google rejects a substituted token, make the next request mint a new one."""
         substituted = flow_state(flow).get("substituted")
         if substituted is None or flow.response is None or flow.response.status_code != 401:
             return
@@ -201,7 +204,7 @@ class CredentialSubstitution:
                           presented: list[Presented]) -> None:
         state = flow_state(flow)
         if context.tokens is None:
-            return self._refuse(flow, context, 503, "UNAVAILABLE",
+            return self._reject(flow, context, 503, "UNAVAILABLE",
                                 "the session has no credential source to mint a token",
                                 "tokenUnavailable")
         try:
@@ -209,7 +212,7 @@ class CredentialSubstitution:
         except CredentialError as error:
             logger.error("Session %s flow %s: no token for the request: %s",
                          context.session_id, flow.id, error)
-            return self._refuse(flow, context, 503, "UNAVAILABLE",
+            return self._reject(flow, context, 503, "UNAVAILABLE",
                                 f"no token could be minted for principal "
                                 f"{context.principal}: {error}", "tokenUnavailable")
         for item in presented:
@@ -222,24 +225,25 @@ class CredentialSubstitution:
         logger.debug("Session %s flow %s: placeholder replaced by token %s for %s",
                      context.session_id, flow.id, token.fingerprint, context.principal)
 
-    def _refuse_foreign(self, flow: http.HTTPFlow, context: SessionContext, what: str,
+    def _reject_foreign(self, flow: http.HTTPFlow, context: SessionContext, description: str,
                         token_call: bool) -> None:
-        reason = (f"{what}: agents get tokens only from the session's metadata server"
+        reason = (f"{description}: agents get tokens only from the session's metadata server"
                   if token_call else
-                  f"{what}: requests to Google must carry the session's placeholder token")
+                  f"{description}: requests to Google must carry the session's placeholder "
+                  "token")
         reason += (f"; agent profile {context.profile.name!r} does not set "
                    "allow_foreign_credentials")
-        self._refuse(flow, context, 403, "PERMISSION_DENIED", reason,
+        self._reject(flow, context, 403, "PERMISSION_DENIED", reason,
                      "tokenServiceCall" if token_call else "foreignCredential")
         flow_state(flow)["token_call"] = token_call
 
     @staticmethod
-    def _refuse(flow: http.HTTPFlow, context: SessionContext, status: int, code: str,
+    def _reject(flow: http.HTTPFlow, context: SessionContext, status: int, code: str,
                 reason: str, error_reason: str) -> None:
         flow_state(flow)["blocked"] = reason
-        logger.warning("Session %s flow %s: refused %s %s: %s", context.session_id, flow.id,
+        logger.warning("Session %s flow %s: rejected %s %s: %s", context.session_id, flow.id,
                        flow.request.method, flow.request.pretty_host, reason)
-        flow.response = google_error(status, code, f"Refused by the session recorder: {reason}.",
+        flow.response = google_error(status, code, f"Rejected by the session recorder: {reason}.",
                                      error_reason)
 
 

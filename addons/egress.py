@@ -4,8 +4,8 @@ A flow may go upstream when
 
 - it is TLS to port 443 and its SNI names a host the agent profile allows (`allow_hosts`),
 - the HTTP Host header and the request target's authority, if any, name the same host as the
-  SNI, and the method is not CONNECT (the proxy is transparent: a CONNECT is an attempt to
-  use it as a forward proxy to somewhere else),
+  SNI, and the method is not CONNECT. The proxy is transparent, so a CONNECT is an attempt to
+  use it as a forward proxy to somewhere else,
 - the address the agent connected to is one the appliance itself resolves that host to
   (configured `network.hosts` overrides, the session resolver's own answers, else the host's
   resolver), so a request cannot name an allowed host while aiming at another address, and

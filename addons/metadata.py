@@ -31,9 +31,10 @@ DEFAULT_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 def is_metadata_flow(flow: http.HTTPFlow) -> bool:
     """Tell whether the agent addressed the metadata server, by destination or Host."""
     destination = flow.server_conn.address[0] if flow.server_conn.address else None
-    return (destination == METADATA_ADDRESS
-            or flow.request.host_header in METADATA_HOSTS
-            or flow.request.pretty_host in METADATA_HOSTS)
+    # Clients also use the fully qualified form with a trailing dot.
+    names = {(flow.request.host_header or "").rsplit(":", 1)[0].rstrip("."),
+             flow.request.pretty_host.rstrip(".")}
+    return destination == METADATA_ADDRESS or bool(names & METADATA_HOSTS)
 
 
 class MetadataEmulator:
@@ -54,7 +55,8 @@ class MetadataEmulator:
         context = session_of(self.registry, flow.client_conn)
         if context is None:
             return
-        if flow.request.scheme != "http" or flow.server_conn.address[1] != 80:
+        port = flow.server_conn.address[1] if flow.server_conn.address else None
+        if flow.request.scheme != "http" or port != 80:
             flow.response = _text(404, "The metadata server listens on port 80 only.\n")
         elif flow.request.headers.get("metadata-flavor", "").lower() != "google":
             flow.response = _text(403, "Missing required header \"Metadata-Flavor\": "
@@ -84,6 +86,10 @@ class MetadataEmulator:
             return _text(200, number) if number else _text(404, "Not found\n")
         if key == "project":
             return _text(200, "numeric-project-id\nproject-id\n")
+        if key == "instance":
+            # Only the service accounts of this instance exist here; clients probe this path
+            # to detect the metadata server.
+            return _text(200, "service-accounts/\n")
         if key == "universe/universe-domain":
             return _text(200, "googleapis.com")
         if key == "instance/service-accounts":

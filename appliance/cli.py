@@ -22,7 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance import config as config_module
+from appliance import service
 from appliance.commands import ca, doctor, sessions_extra
+from appliance.commands import serve as serve_command
 from appliance.commands import store as store_commands, verify as verify_commands
 from appliance.commands import reconcile as reconcile_commands
 from appliance.errors import ApplianceError, ConfigError
@@ -77,12 +79,19 @@ def run(
     config_path: ConfigOption = None,
     env: Annotated[list[str] | None, typer.Option(
         "--env", help="Extra KEY=VALUE for the agent's environment; repeatable.")] = None,
+    no_service: Annotated[bool, typer.Option(
+        "--no-service", help="Run the session in this process even when 'appliance serve' "
+                             "is running.")] = False,
 ) -> None:
     """Run an agent command inside a recorded session and exit with its exit code."""
-    from appliance.session import RunRequest, Session, operator_name
-
     config = config_module.load(config_path)
     profile = config.profile(agent)
+    if not no_service and service.available(config):
+        raise typer.Exit(service.run_remote(
+            config, config_path, agent, agent_cmd, Path.cwd(), _parse_env(env or []),
+            lambda text: stderr.print(f"appliance: {text}", highlight=False)))
+    from appliance.session import RunRequest, Session, operator_name
+
     request = RunRequest(command=agent_cmd, profile=profile, operator=operator_name(),
                          cwd=Path.cwd(), extra_env=_parse_env(env or []))
     session = Session(config, request)
@@ -219,6 +228,7 @@ app.add_typer(ca.app, name="ca")
 app.command("doctor")(doctor.doctor)
 sessions_app.command("show")(sessions_extra.show)
 sessions_app.command("tail")(sessions_extra.tail)
+app.command("serve")(serve_command.serve)
 sessions_app.command("verify")(verify_commands.verify)
 sessions_app.command("reconcile")(reconcile_commands.reconcile)
 app.add_typer(store_commands.app, name="store")

@@ -58,7 +58,7 @@ _UNIX_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
 @dataclass(frozen=True)
 class CredentialsConfig:
-    """Where the real token of a profile's principal comes from (docs/credentials.md)."""
+    """The source of the real token of a profile's principal (docs/credentials.md)."""
 
     source: str = "adc"
     file: Path | None = None
@@ -82,7 +82,7 @@ class AgentProfile:
     # None turns the label off.
     job_label_key: str | None = DEFAULT_JOB_LABEL_KEY
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
-    # Off by default: a request with a credential other than the placeholder is refused.
+    # Off by default: a request with a credential other than the placeholder is rejected.
     allow_foreign_credentials: bool = False
     project_number: str | None = None
 

@@ -1,6 +1,6 @@
 """Credential sources of agent profiles, and the appliance's own outbound HTTPS.
 
-An agent never holds a real token. For each session the appliance mints one with google-auth,
+An agent never has a real token. For each session the appliance mints one with google-auth,
 from the source the agent profile names (`credentials.source`):
 
 - `adc`: the appliance host's Application Default Credentials (`google.auth.default`);
@@ -70,6 +70,7 @@ REFRESH_MARGIN_SECONDS = 300.0
 ASSUMED_LIFETIME_SECONDS = 3600.0
 MAX_CREDENTIAL_FILE_BYTES = 1 << 20
 GCLOUD_ADC_FILE = Path(".config/gcloud/application_default_credentials.json")
+GCE_PRODUCT_NAME_FILE = Path("/sys/class/dmi/id/product_name")
 EXTERNAL_ACCOUNT_URL_KEYS = ("token_url", "service_account_impersonation_url",
                              "token_info_url")
 TIMEOUT_SECONDS = 30.0
@@ -199,11 +200,12 @@ def _uid_of(user: str | None) -> int | None:
         return None
 
 
-def _expect_type(info: dict[str, Any], wanted: tuple[str, ...], path: Path, owner: str) -> None:
-    if info["type"] not in wanted:
+def _expect_type(info: dict[str, Any], expected: tuple[str, ...], path: Path,
+                 owner: str) -> None:
+    if info["type"] not in expected:
         raise CredentialError(
             f"The credential file {path} of {owner} is of type {info['type']!r}, but its "
-            f"credentials.source needs {' or '.join(repr(w) for w in wanted)}.")
+            f"credentials.source needs {' or '.join(repr(e) for e in expected)}.")
 
 
 def _check_google_urls(info: dict[str, Any], path: Path, owner: str) -> None:
@@ -250,37 +252,37 @@ class _Loaded:
 def _from_info(info: dict[str, Any], scopes: tuple[str, ...] | None) -> Any:
     """Build google-auth credentials of any supported file type from its parsed JSON."""
     kind = info["type"]
-    wanted = list(scopes) if scopes else None
+    requested = list(scopes) if scopes else None
     if kind == "service_account":
         return service_account.Credentials.from_service_account_info(
-            info, scopes=wanted or list(DEFAULT_SCOPES))
+            info, scopes=requested or list(DEFAULT_SCOPES))
     if kind == "authorized_user":
-        return user_credentials.Credentials.from_authorized_user_info(info, scopes=wanted)
+        return user_credentials.Credentials.from_authorized_user_info(info, scopes=requested)
     if kind == "external_account":
         # Dispatch as google.auth does, without its project lookup, which would call the
         # Resource Manager API on load.
         source = info.get("credential_source") or {}
         if info.get("subject_token_type") == "urn:ietf:params:aws:token-type:aws4_request":
             from google.auth import aws
-            return aws.Credentials.from_info(info, scopes=wanted or list(DEFAULT_SCOPES))
+            return aws.Credentials.from_info(info, scopes=requested or list(DEFAULT_SCOPES))
         if isinstance(source, dict) and source.get("executable") is not None:
             from google.auth import pluggable
-            return pluggable.Credentials.from_info(info, scopes=wanted or list(DEFAULT_SCOPES))
+            return pluggable.Credentials.from_info(info, scopes=requested or list(DEFAULT_SCOPES))
         from google.auth import identity_pool
-        return identity_pool.Credentials.from_info(info, scopes=wanted or list(DEFAULT_SCOPES))
+        return identity_pool.Credentials.from_info(info, scopes=requested or list(DEFAULT_SCOPES))
     if kind == "external_account_authorized_user":
         from google.auth import external_account_authorized_user
         return external_account_authorized_user.Credentials.from_info(info)
     if kind == "impersonated_service_account":
         return impersonated_credentials.Credentials.from_impersonated_service_account_info(
-            info, scopes=wanted or list(DEFAULT_SCOPES))
+            info, scopes=requested or list(DEFAULT_SCOPES))
     raise ValueError(f"credential type {kind!r} is not supported")
 
 
-def _load_file(path: Path, owner: str, allowed: frozenset[int], wanted: tuple[str, ...],
+def _load_file(path: Path, owner: str, allowed: frozenset[int], expected: tuple[str, ...],
                scopes: tuple[str, ...] | None, agent_uid: int | None) -> Any:
     info = read_credential_file(path, owner, allowed)
-    _expect_type(info, wanted, path, owner)
+    _expect_type(info, expected, path, owner)
     if info["type"] == "external_account":
         _check_google_urls(info, path, owner)
         _check_subject_token_file(info, owner, agent_uid)
@@ -291,12 +293,40 @@ def _load_file(path: Path, owner: str, allowed: frozenset[int], wanted: tuple[st
                               f"{_describe(error)}.") from error
 
 
+def _adc_may_exist() -> bool:
+    """Tell whether the host's ADC can exist, without asking a metadata server.
+
+    google-auth's last resort probes 169.254.169.254, which only makes sense on a GCE VM (or
+    with an explicitly configured metadata host), so elsewhere the appliance fails at once.
+    """
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        return True
+    gcloud = os.environ.get("CLOUDSDK_CONFIG")
+    adc_file = (Path(gcloud) / GCLOUD_ADC_FILE.name if gcloud
+                else Path(os.path.expanduser("~")) / GCLOUD_ADC_FILE)
+    if adc_file.exists():
+        return True
+    if os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_IP"):
+        return True
+    try:
+        return GCE_PRODUCT_NAME_FILE.read_text().startswith("Google")
+    except OSError:
+        return False
+
+
 def _host_adc(request: google.auth.transport.Request, owner: str,
               scopes: tuple[str, ...] | None) -> Any:
     named = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
     if named:
         # The same rule as for configured files: the host's key must be root's alone.
         read_credential_file(Path(named), owner, frozenset({0}))
+    if not _adc_may_exist():
+        raise CredentialError(
+            f"{owner} uses the host's Application Default Credentials, but there are none: "
+            "GOOGLE_APPLICATION_CREDENTIALS is unset, root has no gcloud ADC file and this "
+            "host is not a Google Compute Engine VM. Set GOOGLE_APPLICATION_CREDENTIALS for "
+            "the appliance, run 'gcloud auth application-default login' as root, or choose "
+            "another credentials.source.")
     try:
         credentials, _ = google.auth.default(scopes=list(scopes or DEFAULT_SCOPES),
                                              request=request)
@@ -398,7 +428,7 @@ class Identity:
     """The principal a token belongs to, and how the appliance learned it."""
 
     principal: str
-    how: str
+    determined_by: str
 
 
 def _describe(error: BaseException) -> str:
@@ -543,7 +573,11 @@ class TokenSource:
         return info if isinstance(info, dict) else {}
 
     def _federated_principal(self) -> str | None:
-        """Name the workload or workforce pool principal of an external_account subject."""
+        """Name the workload or workforce pool principal of an external_account subject.
+
+        NOTE: this assumes the provider maps google.subject to the subject token's `sub`
+        claim (the default for OIDC); a custom attribute mapping names another subject.
+        """
         audience = getattr(self.credentials, "_audience", None)
         retrieve = getattr(self.credentials, "retrieve_subject_token", None)
         if not isinstance(audience, str) or retrieve is None:

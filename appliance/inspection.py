@@ -20,7 +20,7 @@ import duckdb
 
 from appliance.errors import NotFound, StoreError
 from appliance.recordings import journal as journal_module
-from appliance.recordings import replay
+from appliance.recordings import replay as replay  # noqa: PLC0414
 from appliance.recordings.schema import SESSION_START
 from appliance.recordings.store import Store
 

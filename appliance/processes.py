@@ -1,12 +1,12 @@
 """Find the process inside a session that owns a connection, and end a session's processes.
 
-The proxy sees a connection's source address and port. Inside the session's network namespace
+The proxy gets a connection's source address and port. Inside the session's network namespace
 that pair names one socket in /proc/<pid>/net/tcp (or tcp6, for a dual-stack socket), which
 gives its inode; the process holding `socket:[inode]` among its file descriptors owns the
 connection. The candidates are the sandbox's descendants, found through
 /proc/<pid>/task/<tid>/children, so a lookup reads a handful of small files, not all of /proc.
-Pids are host pids (the appliance sees the sandbox's PID namespace from outside); `ns_pid` is
-the same process's pid as the agent sees it.
+Pids are host pids, because the appliance looks at the sandbox's PID namespace from outside.
+`ns_pid` is the same process's pid inside the agent's PID namespace.
 
 A connection whose process exited before the lookup is reported with an `error`, never
 guessed. Everything here blocks on /proc reads; callers run it off the event loop.
@@ -56,7 +56,7 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def _proc_address(address: str, family: int) -> str:
+def proc_address(address: str, family: int) -> str:
     """Format an address the way /proc/net/tcp and tcp6 print it (32-bit words, host order)."""
     if family == socket.AF_INET:
         packed = socket.inet_aton(address)
@@ -69,7 +69,7 @@ def _proc_address(address: str, family: int) -> str:
 def socket_inode(pid: int, address: str, port: int) -> int | None:
     """Return the inode of the TCP socket bound to address:port in `pid`'s network namespace."""
     for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-        wanted = f"{_proc_address(address, family)}:{port:04X}"
+        wanted = f"{proc_address(address, family)}:{port:04X}"
         data = _read(f"/proc/{pid}/net/{table}", 4 * 1024 * 1024)
         for line in (data or b"").decode("ascii", "replace").splitlines()[1:]:
             fields = line.split()
@@ -154,6 +154,7 @@ def owner(sandbox_pid: int, address: str, port: int) -> dict[str, Any]:
     result: dict[str, Any] = dict(chain[0])
     result["chain"] = [{key: info[key] for key in ("pid", "ns_pid", "executable", "cmdline")}
                        for info in chain[1:]]
+    # A child of init is the agent command, or a process orphaned to init.
     result["agent_command"] = chain[-1]["ppid"] == init
     if len(found) > 1:
         result["also_held_by"] = found[1:]
@@ -182,8 +183,8 @@ def namespace_pids(namespace_path: str) -> list[int]:
 def kill_namespace_processes(namespace_path: str) -> list[int]:
     """SIGKILL every process left in the network namespace; return their pids.
 
-    The sandbox's PID namespace already ends the agent's processes with its init; this catches
-    anything that entered the network namespace by another path before it is deleted.
+    The sandbox's PID namespace already ends the agent's processes with its init. This also
+    ends anything that entered the network namespace by another path, before it is deleted.
     """
     killed = []
     for pid in namespace_pids(namespace_path):

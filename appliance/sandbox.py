@@ -105,6 +105,9 @@ def protected_paths(config: Config, keep: list[Path]) -> list[str]:
         candidates.append(config.source)
     candidates += [profile.credentials.file for profile in config.agents.values()
                    if profile.credentials.file is not None]
+    # Application Default Credentials the appliance itself may use.
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        candidates.append(Path(os.environ["GOOGLE_APPLICATION_CREDENTIALS"]))
     hidden = []
     for candidate in candidates:
         path = Path(os.path.abspath(candidate))

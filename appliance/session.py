@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ class RunRequest:
     operator: str
     cwd: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The agent's stdin, stdout and stderr as file descriptors; empty: this process's own.
+    # `appliance serve` passes those of the `appliance run` client.
+    stdio: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -155,12 +159,14 @@ async def _resolve_allowed(profile: AgentProfile, overrides: dict[str, str]) -> 
 class Session:
     """Builds, runs and tears down one session."""
 
-    def __init__(self, config: Config, request: RunRequest) -> None:
+    def __init__(self, config: Config, request: RunRequest,
+                 registry: Registry | None = None) -> None:
         self.config = config
         self.request = request
         self.store = Store(config.store_path, signing_key=config.signing_key)
         self.session_id, self.tag = new_session_id()
-        self.registry = Registry()
+        # A shared registry when `appliance serve` runs this session beside others.
+        self.registry = registry if registry is not None else Registry()
         self.directory = config.runtime_dir / "sessions" / self.tag
         self.lease: pool.Lease | None = None
         self.network: namespace.SessionNetwork | None = None
@@ -184,7 +190,9 @@ class Session:
             raise PrivilegeError("appliance run needs root to create namespaces and nftables "
                                  "rules; run it with sudo.")
         account = _agent_account(self.request.profile)
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        # Only the main thread may set handlers; `appliance serve` runs sessions in threads.
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
         exit_code = 1
         try:
             self.store.ensure()
@@ -202,7 +210,8 @@ class Session:
             exit_code = 128 + signal.SIGTERM
         finally:
             status = self._teardown(exit_code)
-            signal.signal(signal.SIGTERM, previous)
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
         return RunResult(self.session_id, exit_code,
                          self.context.statements if self.context else 0,
                          self.journal.count if self.journal else 0,
@@ -238,7 +247,7 @@ class Session:
             "detail": json.dumps({
                 "agent": profile.name,
                 "principal": identity.principal,
-                "principal_source": identity.how,
+                "principal_source": identity.determined_by,
                 "credential_source": profile.credentials.source,
                 "credential": tokens.describe,
                 "unix_user": account.pw_name,
@@ -258,18 +267,23 @@ class Session:
         self.context.namespace_path = self.network.namespace_path
         self.resolver.start(self.context)
         self.drops.start(self.session_id, self.journal.append_sync)
-        self.proxy = EmbeddedProxy(self.config.ca_dir, self.config.upstream_ca_file,
-                                   addons.chain(self.registry))
-        await self.proxy.start([(str(self.network.host_address), self.config.proxy_port)])
+        await self._start_proxy()
         self._write_session_files(account, hosts)
         logger.info("Session %s started: agent profile %s, user %s, namespace %s",
                     self.session_id, profile.name, account.pw_name, self.network.namespace)
 
+    async def _start_proxy(self) -> None:
+        """Start this session's own proxy on its host-side address."""
+        assert self.network is not None
+        self.proxy = EmbeddedProxy(self.config.ca_dir, self.config.upstream_ca_file,
+                                   addons.chain(self.registry))
+        await self.proxy.start([(str(self.network.host_address), self.config.proxy_port)])
+
     async def _credentials(self, account: pwd.struct_passwd) -> tuple[TokenSource, Identity]:
         """Load the profile's credential source and mint its first token, off the event loop.
 
-        The principal is the one the token really belongs to; a profile that names another
-        one is refused, so a recording never names a principal that did not act.
+        The principal is the one the token really belongs to. A profile that names another
+        principal is rejected, so that a recording never names a principal that did not act.
         """
         profile = self.request.profile
         tokens = await asyncio.to_thread(TokenSource.for_profile, profile, self.config,
@@ -281,7 +295,7 @@ class Session:
                 f"credential ({tokens.describe}) belongs to {identity.principal!r}; correct "
                 "'principal' or the credentials of the profile.")
         logger.info("Session %s: principal %s (%s) from %s", self.session_id,
-                    identity.principal, identity.how, tokens.describe)
+                    identity.principal, identity.determined_by, tokens.describe)
         return tokens, identity
 
     def _write_session_files(self, account: pwd.struct_passwd, hosts: dict[str, str]) -> None:
@@ -351,17 +365,22 @@ class Session:
         self.agent = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "appliance.sandbox",
             env={**os.environ, SPEC_VARIABLE: json.dumps(spec)},
+            stdin=self.request.stdio.get("stdin"), stdout=self.request.stdio.get("stdout"),
+            stderr=self.request.stdio.get("stderr"),
         )
         if self.context is not None:
             self.context.sandbox_pid = self.agent.pid
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        # Under `appliance serve` the client's signals arrive over its socket instead.
+        forwarded = ((signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                     if threading.current_thread() is threading.main_thread() else ())
+        for signum in forwarded:
             loop.add_signal_handler(signum, self._forward_signal, signum)
         try:
             code = await self.agent.wait()
             return 128 - code if code < 0 else code  # Killed by a signal: shell convention.
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for signum in forwarded:
                 loop.remove_signal_handler(signum)
             await self._stop_proxy()
 

@@ -130,7 +130,8 @@ def storage(args: argparse.Namespace) -> dict[str, Any]:
     rows = 0
     messages = 0
     first_byte = None
-    for response in reader.read_rows(session.streams[0].name):
+    # A deadline, so that a stream whose path was torn down fails instead of hanging.
+    for response in reader.read_rows(session.streams[0].name, timeout=args.deadline):
         if first_byte is None:
             first_byte = time.perf_counter() - started
         received += len(response.arrow_record_batch.serialized_record_batch)
@@ -210,6 +211,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p = commands.add_parser("storage")
     p.add_argument("--table", default="bench.synthetic")
+    p.add_argument("--deadline", type=float, default=600.0, help="seconds for the whole read")
     p = commands.add_parser("load")
     p.add_argument("--clients", type=int, default=1)
     p.add_argument("--calls", type=int, default=200)

@@ -33,7 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--storage-mib", type=int, nargs="+", default=[1024, 256],
                         help="stream sizes in MiB; RSS must not grow with them")
-    parser.add_argument("--timeout", type=float, default=1200)
+    parser.add_argument("--timeout", type=float, default=900)
 
 
 def _rss(run: harness.AgentRun, started: float, setup: str) -> dict[str, Any] | None:

@@ -532,9 +532,27 @@ class Runner:
     def agent_argv(self, args: list[str]) -> list[str]:
         return ["python", str(self.workspace / "agent_workload.py"), *args]
 
-    def run_agent(self, args: list[str], timeout: float = 1800, sample: bool = False,
-                  extra_env: dict[str, str] | None = None) -> AgentRun:
-        """Run the agent workload once and return its JSON result."""
+    def run_agent(self, args: list[str], timeout: float = 900, sample: bool = False,
+                  extra_env: dict[str, str] | None = None, attempts: int = 2) -> AgentRun:
+        """Run the agent workload and return its JSON result; retry a failed run once.
+
+        A retry is logged and counted in the result: on a shared machine another test run may
+        remove a session's namespace while a benchmark uses it.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                run = self._run_agent_once(args, timeout, sample, extra_env)
+            except RuntimeError as error:
+                if attempt == attempts:
+                    raise
+                log(f"retrying after a failed agent run ({str(error).splitlines()[0]})")
+                continue
+            run.result["retries"] = attempt - 1
+            return run
+        raise AssertionError("unreachable")
+
+    def _run_agent_once(self, args: list[str], timeout: float, sample: bool,
+                        extra_env: dict[str, str] | None) -> AgentRun:
         if self.name == "appliance":
             assert self.appliance is not None
             envs = [item for k, v in (extra_env or {}).items() for item in ("--env", f"{k}={v}")]

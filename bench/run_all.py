@@ -72,7 +72,11 @@ def main() -> int:
                     continue
                 began = time.perf_counter()
                 args = parse(name, options.quick)
-                result = BENCHMARKS[name].measure(instance, _fresh(workdir, name), args)
+                try:
+                    result = BENCHMARKS[name].measure(instance, _fresh(workdir, name), args)
+                except Exception as error:  # reported, so the other benchmarks still run
+                    harness.log(f"{name} failed: {error}")
+                    result = {"error": str(error)[-2000:]}
                 result["command"] = f"bench/{BENCHMARKS[name].__name__.split('.')[-1]}.py " \
                                     + " ".join(QUICK[name] if options.quick else [])
                 result["bench_seconds"] = time.perf_counter() - began

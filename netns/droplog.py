@@ -1,8 +1,8 @@
 """Record every packet the session's nftables table refuses, with repeats counted.
 
-The table's refusing rules log to an NFLOG group (`log group N`) that belongs to the session;
-this module binds that group with a netlink socket and turns each logged packet into a
-`dropped` event: protocol, source, destination, port, first seen, last seen and count.
+The table's rejecting rules log to an NFLOG group (`log group N`) that belongs to the session.
+This module binds that group with a netlink socket and turns each logged packet into a
+`dropped` event with protocol, source, destination, port, first seen, last seen and count.
 
 NFLOG was chosen over sniffing the host-side veth because the kernel reports exactly the
 packets the rules refused, after the policy decided, so this module never re-implements the
@@ -36,12 +36,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.errors import NetworkSetupError
+from appliance.errors import NetworkSetupError, RecordingFailed
+from appliance.recordings.schema import DROPPED, FIREWALL_COUNTERS
 
 logger = logging.getLogger(__name__)
 
-DROPPED = "dropped"
-FIREWALL_COUNTERS = "firewall_counters"
 FLUSH_SECONDS = 5.0
 MAX_KEYS = 4096
 RECEIVE_BUFFER = 4 * 1024 * 1024
@@ -53,6 +52,7 @@ NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
 NFULA_CFG_CMD = 1
 NFULA_CFG_MODE = 2
+NFULA_CFG_QTHRESH = 5
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
 NFULA_TIMESTAMP = 3
@@ -79,7 +79,7 @@ class LoggedPacket:
 
 @dataclass(frozen=True)
 class Attempt:
-    """What a refused packet tried to reach."""
+    """The destination a rejected packet tried to reach, and its protocol."""
 
     protocol: str
     source: str
@@ -177,7 +177,7 @@ def _dns_question(message: bytes) -> str | None:
         parsed = DNS(message)
         if parsed.qd:
             return str(parsed.qd[0].qname.decode("ascii", "backslashreplace")).rstrip(".")
-    except Exception:  # Malformed DNS is still a dropped packet; only its name is lost.
+    except Exception:  # noqa: BLE001 - scapy raises many types; only the name is lost.
         return None
     return None
 
@@ -198,7 +198,7 @@ class _Tally:
 
 
 class DropTally:
-    """Counts refused attempts per key and says which ones need a new record."""
+    """A per-key count of rejected attempts that decides which ones need a new record."""
 
     def __init__(self, max_keys: int = MAX_KEYS) -> None:
         self.max_keys = max_keys
@@ -305,14 +305,18 @@ def bind_group(tag: str) -> tuple[socket.socket, int]:
         code = _request(sock, group, _attribute(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND])),
                         attempt * 2 + 1)
         if code in (-errno.EBUSY, -errno.EPERM, -errno.EEXIST):
-            continue  # Another session holds this group.
+            continue  # Another session has bound this group.
         if code != 0:
             sock.close()
             raise NetworkSetupError(f"Binding NFLOG group {group} failed: "
                                     f"{os.strerror(-code)}; check that nfnetlink_log is "
                                     "available (modprobe nfnetlink_log).")
         mode = struct.pack(">IBB", COPY_RANGE, NFULNL_COPY_PACKET, 0)
-        code = _request(sock, group, _attribute(NFULA_CFG_MODE, mode), attempt * 2 + 2)
+        # By default the kernel batches log messages for up to a second. With one message per
+        # batch, nothing is left waiting in the kernel when the session stops reading.
+        settings = _attribute(NFULA_CFG_MODE, mode) + \
+            _attribute(NFULA_CFG_QTHRESH, struct.pack(">I", 1))
+        code = _request(sock, group, settings, attempt * 2 + 2)
         if code != 0:
             sock.close()
             raise NetworkSetupError(f"Configuring NFLOG group {group} failed: "
@@ -425,6 +429,6 @@ class DropRecorder:
                 return
             try:
                 self._record(event)
-            except Exception as error:
+            except (RecordingFailed, TimeoutError) as error:
                 logger.error("Session %s: recording a dropped packet failed: %s",
                              self._session_id, error)

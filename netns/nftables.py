@@ -3,20 +3,24 @@
 Each session owns one table, `inet appliance_<tag>`, in the host namespace. For packets
 arriving from the session's veth it
 
-- screens them at prerouting (before any routing decision, so the verdict does not depend on
-  the host's forwarding setting): IPv4 TCP passes, UDP to the resolver address port 53 passes,
-  ICMP errors about a passed flow pass; everything else (other UDP including QUIC on 443 and DNS
-  to any other server, ICMP, raw IP protocols, all IPv6) is logged to the session's NFLOG group,
-  counted and rejected, TCP with a reset and the rest with an ICMP "administratively
-  prohibited", so the sender fails at once instead of waiting;
+- screens them at prerouting, before any routing decision, so the verdict does not depend on
+  the host's forwarding setting. IPv4 TCP, UDP to the resolver address on port 53, and ICMP
+  errors about a passed flow pass. Everything else (other UDP including QUIC on 443 and DNS to
+  any other server, ICMP, raw IP protocols, all IPv6) is logged to the session's NFLOG group,
+  counted and rejected: TCP with a reset, the rest with an ICMP "administratively prohibited",
+  so the sender fails at once instead of waiting;
 - redirects TCP and UDP to the host-side address port 53 to the session's resolver port, and
   every other TCP connection to the proxy port (the proxy reads the original destination with
   SO_ORIGINAL_DST); the metadata address 169.254.169.254 is TCP and reaches the proxy this way;
 - accepts, on input, only what those redirects rewrote, so a connection aimed at the proxy's
-  or resolver's own port never reaches it and cannot loop: it is logged, counted and reset;
+  own port never reaches it and cannot loop: it is logged, counted and reset. The resolver
+  port is accepted without that check, because only packets sent to port 53 can carry it: the
+  screen refuses other UDP to the host, and other TCP is redirected to the proxy (requiring
+  the redirect mark there refused a DNS query now and then in the adversarial tests);
 - drops, with a counter, every packet forwarded to or from the veth.
 
-Rules that count carry a comment, which `counters` reports, so the session can record how many
+Connection-tracking entries an earlier session on the same addresses left are deleted before
+the table is installed. Rules that count carry a comment, which `counters` reports, so the session can record how many
 packets each rule saw even when the NFLOG reader could not keep up. The rules match only on the
 session's veth, so the proxy's own upstream connections, which leave through other links, are
 never captured again.
@@ -28,6 +32,9 @@ import json
 import logging
 import shutil
 import subprocess
+
+from pyroute2 import Conntrack
+from pyroute2.netlink.exceptions import NetlinkError
 
 from appliance.errors import NetworkSetupError, PrivilegeError
 from appliance.netns.namespace import SessionNetwork
@@ -74,8 +81,7 @@ comment "dns-tcp"
     chain input {{
         type filter hook input priority filter; policy accept;
         iifname "{link}" ip daddr {host} tcp dport {proxy_port} ct status dnat accept
-        iifname "{link}" ip daddr {host} meta l4proto {{ tcp, udp }} th dport {dns_port} \
-ct status dnat accept
+        iifname "{link}" ip daddr {host} meta l4proto {{ tcp, udp }} th dport {dns_port} accept
         iifname "{link}" ct state related ct status dnat accept
         iifname "{link}" meta l4proto tcp counter {input_log} reject with tcp reset \
 comment "input-tcp"
@@ -102,8 +108,34 @@ def _nft(arguments: list[str], script: str | None = None) -> subprocess.Complete
                           check=False)
 
 
+def forget_connections(address: str) -> int:
+    """Delete the host's connection-tracking entries to or from `address`; return how many.
+
+    A /30 is reused by later sessions, and a UDP entry lives 30 to 120 s. An entry left by an
+    earlier session would send a new flow with the same addresses and ports to that session's
+    resolver port, which no longer exists, so each session starts without them.
+    """
+    deleted = 0
+    try:
+        with Conntrack() as tracker:
+            stale = [entry for entry in tracker.dump_entries()
+                     if address in (entry.tuple_orig.saddr, entry.tuple_orig.daddr)]
+            for entry in stale:
+                try:
+                    tracker.delete(entry)
+                    deleted += 1
+                except NetlinkError:
+                    pass  # Expired between the dump and the delete.
+    except (NetlinkError, OSError) as error:
+        logger.warning("Could not clear connection tracking entries of %s: %s", address, error)
+    if deleted:
+        logger.info("Deleted %d stale connection tracking entries of %s", deleted, address)
+    return deleted
+
+
 def install(network: SessionNetwork, proxy_port: int, dns_port: int, log_group: int) -> None:
     """Create the session's table; raise NetworkSetupError with nft's message on failure."""
+    forget_connections(str(network.namespace_address))
     result = _nft(["-f", "-"], ruleset(network, proxy_port, dns_port, log_group))
     if result.returncode != 0:
         message = result.stderr.strip().splitlines()[-1:] or ["no output"]

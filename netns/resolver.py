@@ -1,8 +1,8 @@
 """The session's DNS resolver, built on scapy's DNS layer, on the host side of the veth.
 
-The namespace's resolv.conf names the session's host-side address; the session's nftables
-table redirects UDP and TCP to that address port 53 to this resolver's port, and refuses DNS to
-any other server. For each question the resolver
+The namespace's resolv.conf names the session's host-side address. The session's nftables
+table redirects UDP and TCP sent to that address on port 53 to this resolver's port, and
+rejects DNS to any other server. For each question the resolver
 
 - answers A for a name the agent profile allows, from the configured `network.hosts`
   overrides, else the host's resolver (cached for `CACHE_SECONDS`), and the GCE metadata names
@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING, Any
 from scapy.layers.dns import DNS, DNSQR, DNSRR, dnstypes
 
 from appliance.errors import NetworkSetupError, RecordingFailed
+from appliance.recordings.schema import DNS_QUERY
 
 if TYPE_CHECKING:
     from appliance.context import SessionContext
 
 logger = logging.getLogger(__name__)
 
-DNS_QUERY = "dns_query"
 METADATA_ADDRESS = "169.254.169.254"
 METADATA_NAMES = frozenset({"metadata.google.internal", "metadata"})
 TTL_SECONDS = 60
@@ -96,7 +96,7 @@ def parse_query(data: bytes) -> Query | str:
     """Parse a DNS query; return it, or a short description of why it is not one."""
     try:
         message = DNS(data)
-    except Exception as error:  # scapy raises many types on malformed input.
+    except Exception as error:  # noqa: BLE001 - scapy raises many types on malformed input.
         return f"malformed DNS message ({type(error).__name__})"
     if message.qr != 0:
         return "a DNS response, not a query"
@@ -117,7 +117,7 @@ def response(query: Query, answer: Answer) -> bytes:
 
 
 def error_response(data: bytes, rcode: int) -> bytes | None:
-    """Answer an unparseable message with `rcode`, echoing its id when there is one."""
+    """Build an error reply with `rcode` to an unparseable message, echoing its id if any."""
     if len(data) < 2:
         return None
     return struct.pack(">HHHHHH", struct.unpack_from(">H", data)[0], 0x8180 | rcode, 0, 0, 0, 0)
@@ -162,7 +162,8 @@ class _Repeat:
 
 
 class Resolver:
-    """Binds its sockets at construction (so the firewall can name the port), serves later."""
+    """A DNS server whose sockets are bound at construction, so the firewall can name the
+    port before the server starts."""
 
     def __init__(self, address: IPv4Address | str) -> None:
         self.address = str(address)

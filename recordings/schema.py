@@ -81,3 +81,8 @@ BLOCKED = "blocked"
 CONNECTION = "connection"
 # One message of a streamed gRPC call (a Storage Write append or its acknowledgement).
 STREAM_MESSAGE = "stream_message"
+# Containment (appliance.netns.resolver and appliance.netns.droplog): a question the session
+# resolver answered or refused, packets the session's firewall refused, and its final counters.
+DNS_QUERY = "dns_query"
+DROPPED = "dropped"
+FIREWALL_COUNTERS = "firewall_counters"

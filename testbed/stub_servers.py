@@ -259,7 +259,7 @@ class TokenHandler(Handler):
 
     @property
     def registry(self) -> Registry:
-        registry: Registry = getattr(self.server, "registry")
+        registry: Registry = self.server.registry
         return registry
 
     def handle_any(self) -> None:

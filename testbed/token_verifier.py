@@ -114,8 +114,8 @@ class RestVerifier:
         await send({"type": "http.response.start", "status": 401, "headers": [
             (b"content-type", b"application/json; charset=UTF-8"),
             (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="https://accounts.google.com/", '
-                                  b'error="invalid_token"'),
+            (b"www-authenticate", (b'Bearer realm="https://accounts.google.com/", '
+                                   b'error="invalid_token"')),
         ]})
         await send({"type": "http.response.body", "body": body})
 

@@ -1,9 +1,10 @@
 """The testbed's stub Google token services on loopback, for tests that need real tokens.
 
-Import the fixtures into a test module (`from tests.token_stubs import stubs, ...`). The stubs
-listen on a free port of 127.0.0.2 with a certificate for the token host names; `stub_config`
-is an appliance configuration whose host overrides pin those names there, so google-auth
-and the appliance's own transport reach them at their real names over verified TLS.
+Import the fixture into a test module (`from tests.token_stubs import stubs`). The stubs
+listen on a free port of 127.0.0.2 with a certificate for the token host names.
+`Stubs.config()` is an appliance configuration whose host overrides pin those names there.
+Through it, google-auth and the appliance's own transport reach the stubs at their real names
+over verified TLS.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -77,11 +78,6 @@ def stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stubs]:
     finally:
         process.terminate()
         process.wait(10)
-
-
-@pytest.fixture(scope="module")
-def stub_config(stubs: Stubs) -> Config:
-    return stubs.config()
 
 
 def _drain(stream: IO[str] | None, sink: list[str]) -> None:

@@ -209,14 +209,14 @@ def reconcile(
 ) -> None:
     """Compare a session's recorded jobs with the jobs BigQuery has for its principal."""
     from appliance.credentials import TokenSource, outbound_session
-    from appliance.recordings import replay
+    from appliance.recordings.replay import plain, session_detail
     from appliance.recordings.store import Store
 
     if margin < 0:
         raise ConfigError(f"--margin {margin} is negative; give a number of seconds >= 0.")
     config = config_module.load(config_path)
     store = Store(config.store_path)
-    session = replay.session_detail(store, session_id)
+    session = session_detail(store, session_id)
     profile = config.profile(session["agent"])
     tokens = TokenSource.for_profile(profile, config, session["operator"], _agent_uid(profile))
     identity = tokens.identify()
@@ -238,7 +238,7 @@ def reconcile(
                           f"{profile.name!r} has none; set 'project' in the profile.")
     label_value = rest.label_value(session_id)
     report = Report(session_id, identity.principal, projects,
-                    {"from": replay.plain(started), "to": replay.plain(ended)},
+                    {"from": plain(started), "to": plain(ended)},
                     {profile.job_label_key: label_value} if profile.job_label_key else None)
     client = JobsClient(outbound_session(config), tokens.token_sync().value)
     listed = [job for project in projects

@@ -14,6 +14,8 @@ from appliance.config import AgentProfile
 from appliance.context import Registry, SessionContext
 from appliance.recordings.journal import Journal
 from appliance.recordings.store import Store
+# The testbed's stub token services on loopback, for tests that mint real tokens.
+from tests.token_stubs import stubs  # noqa: F401
 
 AGENT_ADDRESS = "198.18.0.2"
 PROXY_ADDRESS = "198.18.0.1"

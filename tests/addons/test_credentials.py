@@ -22,7 +22,7 @@ from appliance.config import AgentProfile, CredentialsConfig
 from appliance.context import Registry, SessionContext, fingerprint
 from appliance.credentials import TokenSource
 from testbed import stub_servers
-from tests.token_stubs import Stubs, stubs  # noqa: F401 - fixture
+from tests.token_stubs import Stubs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="credential files must be owned by root")
@@ -184,8 +184,8 @@ def test_placeholder_beside_foreign_key_refused(live: SessionContext) -> None:
     ("oauth2.googleapis.com", "/token",
      b"grant_type=refresh_token&refresh_token=1//leaked&client_id=c&client_secret=s"),
     ("sts.googleapis.com", "/v1/token",
-     b"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange"
-     b"&subject_token=eyJleGZpbHRyYXRlZA"),
+     (b"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange"
+      b"&subject_token=eyJleGZpbHRyYXRlZA")),
     ("iamcredentials.googleapis.com",
      "/v1/projects/-/serviceAccounts/a@p.iam.gserviceaccount.com:generateAccessToken",
      b'{"scope": ["https://www.googleapis.com/auth/cloud-platform"]}'),

@@ -113,6 +113,8 @@ def test_recursive_service_account_json(context: SessionContext, registry: Regis
     (ACCOUNT_PATH + "/scopes", 200, "\n".join(DEFAULT_SCOPES) + "\n"),
     (ACCOUNT_PATH + "/", 200, "aliases\nemail\nscopes\ntoken\n"),
     ("/computeMetadata/v1/project", 200, "numeric-project-id\nproject-id\n"),
+    ("/computeMetadata/v1/instance", 200, "service-accounts/\n"),
+    ("/computeMetadata/v1/instance/", 200, "service-accounts/\n"),
     ("/computeMetadata/v1/universe/universe-domain", 200, "googleapis.com"),
     (ACCOUNT_PATH + "/identity?audience=https://example.test", 404,
      "ID tokens are not issued inside a recorded session.\n"),
@@ -138,7 +140,8 @@ def test_port_other_than_80(context: SessionContext, registry: Registry) -> None
     assert context.placeholder_token not in (response.text or "")
 
 
-@pytest.mark.parametrize("host", ["metadata.google.internal", "metadata", METADATA_ADDRESS])
+@pytest.mark.parametrize("host", ["metadata.google.internal", "metadata.google.internal.",
+                                  "metadata", METADATA_ADDRESS])
 def test_metadata_host_names(context: SessionContext, host: str) -> None:
     flow = metadata_flow(context, "/", host=host)
     flow.server_conn.address = ("198.18.100.10", 80)
@@ -190,8 +193,8 @@ def test_numeric_project_id_from_profile(context: SessionContext, registry: Regi
 
 @pytest.mark.parametrize(("principal", "email"), [
     ("minted@proj.iam.gserviceaccount.com", "minted@proj.iam.gserviceaccount.com"),
-    ("principal://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/"
-     "subject/s", "agent-analyst@proj.iam.gserviceaccount.com"),
+    (("principal://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/"
+      "subject/s"), "agent-analyst@proj.iam.gserviceaccount.com"),
 ], ids=["service-account", "federated"])
 def test_email_is_token_principal(context: SessionContext, registry: Registry, principal: str,
                                   email: str) -> None:

@@ -122,7 +122,8 @@ def store(config_file: Path, tmp_path: Path) -> Iterator[Store]:
 @pytest.mark.parametrize("command", [[], ["run"], ["sessions"], ["sessions", "list"],
                                      ["sessions", "replay"], ["sessions", "query"],
                                      ["sessions", "show"], ["sessions", "tail"], ["ca"],
-                                     ["ca", "show"], ["ca", "export"], ["doctor"]])
+                                     ["ca", "show"], ["ca", "export"], ["doctor"],
+                                     ["serve"]])
 def test_help_exits_zero(command: list[str]) -> None:
     result = invoke(*command, "--help")
 

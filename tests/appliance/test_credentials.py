@@ -30,7 +30,7 @@ from appliance.errors import ConfigError, CredentialError
 from testbed import identities as identities_module
 from testbed import stub_servers
 from testbed.cloud import make_certificates
-from tests.token_stubs import ECHO, Stubs, stubs  # noqa: F401 - fixture
+from tests.token_stubs import ECHO, Stubs
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="credential files must be owned by root")
@@ -225,7 +225,7 @@ def test_source_mints_token_for_its_principal(stubs: Stubs, name: str) -> None:
     identity = source.identify()
     token = source.token_sync()
 
-    assert (identity.principal, identity.how) == (principal, how)
+    assert (identity.principal, identity.determined_by) == (principal, how)
     claims = stub_servers.verify_hs256(stubs.identities.token_secret.read_text().encode(),
                                        token.value)
     assert claims is not None and principal in (claims.get("email"), claims.get("sub"))
@@ -245,6 +245,22 @@ def test_host_adc_missing_named(stubs: Stubs, tmp_path: Path,
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
 
     with pytest.raises(CredentialError, match="absent.json of agent profile 'agent' does not "):
+        TokenSource.for_profile(_profile(stubs, "adc"), stubs.config())
+
+
+def test_host_adc_absent_without_metadata_probe(stubs: Stubs, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("GCE_METADATA_HOST", "GCE_METADATA_IP"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))
+    monkeypatch.setattr(credentials_module, "GCE_PRODUCT_NAME_FILE", tmp_path / "product")
+
+    def probe(*args: object, **kwargs: object) -> None:
+        raise AssertionError("google.auth.default ran and would probe the metadata server")
+
+    monkeypatch.setattr(credentials_module.google.auth, "default", probe)
+
+    with pytest.raises(CredentialError, match="not a Google Compute Engine VM"):
         TokenSource.for_profile(_profile(stubs, "adc"), stubs.config())
 
 

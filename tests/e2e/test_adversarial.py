@@ -1,10 +1,10 @@
 """The adversarial suite: an agent that tries every way around the recorder, and fails.
 
-One session runs tests/e2e/agents/adversary.py as the agent's Unix user. It makes some forty
-attempts (network escapes, DNS exfiltration, TLS tricks, reading secrets, changing the
-network, signalling and tracing the appliance, setuid binaries), then waits while this module,
-as root inside the session's namespace, sends scapy-crafted packets at the firewall, and
-finally leaves a grandchild and a delayed sleeper behind as it exits. The tests below each
+One session runs tests/e2e/agents/adversary.py as the agent's Unix user. It makes about forty
+attempts: network escapes, DNS exfiltration, TLS tricks, reading secrets, changing the network,
+signalling and tracing the appliance, setuid binaries. Then it waits while this module, as root
+inside the session's namespace, sends scapy-crafted packets at the firewall. Finally it leaves
+a grandchild and a delayed sleeper behind as it exits. The tests below each
 check one attempt: that it failed, and that it is on record where the design puts it:
 
 - refused TCP to anywhere: a `blocked` event from the proxy, with the process behind it;
@@ -83,6 +83,7 @@ class Attack:
     ipv6_on_host_link: bool
     leftovers: list[str]
     sleeper_marker_written: bool
+    lurker_status: int | None
     session: dict[str, Any] = field(default_factory=dict)
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
@@ -149,7 +150,22 @@ def attack(cloud: Cloud, agent_python: str, shared_dirs: dict[str, Path],
     appliance = Appliance(config_path, store, agent_python, workspace)
     shutil.copy(AGENT_SCRIPT, workspace / "adversary.py")
     (workspace / "adversary.py").chmod(0o644)
-    process = appliance.start_agent("python adversary.py")
+    # A credential file whose mode lets anyone read it: only the sandbox's covering stops the
+    # agent. The appliance's profile names its own key, so it never reads this one.
+    decoy = workspace / "decoy" / "application-default-credentials.json"
+    decoy.parent.mkdir(mode=0o755)
+    decoy.write_text('{"type": "decoy", "secret": "must-not-leak"}\n')
+    decoy.chmod(0o644)
+    previous = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    os.environ["GOOGLE_APPLICATION_CREDENTIALS"] = str(decoy)
+    try:
+        process = appliance.start_agent("python adversary.py")
+    finally:
+        if previous is None:
+            del os.environ["GOOGLE_APPLICATION_CREDENTIALS"]
+        else:
+            os.environ["GOOGLE_APPLICATION_CREDENTIALS"] = previous
+    lurker: subprocess.Popen[bytes] | None = None
     try:
         handoff = {
             "appliance_pid": process.pid,
@@ -161,7 +177,7 @@ def attack(cloud: Cloud, agent_python: str, shared_dirs: dict[str, Path],
             "ca_key": str(shared_dirs["ca"] / "mitmproxy-ca.pem"),
             "signing_key": str(document["store"].get("signing_key",
                                                      "/etc/appliance/signing-key.pem")),
-            "credential_files": _credential_files(config_path),
+            "credential_files": [*_credential_files(config_path), str(decoy)],
             "tunnel_chunks": TUNNEL_CHUNKS,
             "sleeper_delay": SLEEPER_DELAY,
             "sleeper_marker": str(marker),
@@ -183,8 +199,14 @@ def attack(cloud: Cloud, agent_python: str, shared_dirs: dict[str, Path],
         ipv6_on = Path(f"/proc/sys/net/ipv6/conf/ap-{tag}-h/disable_ipv6").read_text().strip() \
             == "0"
         root = _probe_as_root(f"ap-{tag}", tag, cloud, host)
+        # A root process that entered the network namespace from outside the sandbox.
+        lurker = subprocess.Popen(["ip", "netns", "exec", f"ap-{tag}", "sleep", "300"])
         (workspace / "release").write_text("go\n")
         _, stderr = process.communicate(timeout=120)
+        try:
+            lurker_status: int | None = lurker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            lurker_status = None
         time.sleep(SLEEPER_DELAY + 2)  # Long enough for a surviving sleeper to have acted.
         remaining = wait_for_no_leftovers()
         events = appliance.query(f"SELECT * FROM events WHERE session_id = '{session_id}' "
@@ -193,8 +215,12 @@ def attack(cloud: Cloud, agent_python: str, shared_dirs: dict[str, Path],
             event["detail"] = json.loads(str(event["detail"])) if event["detail"] else {}
         sessions = appliance.query(f"SELECT * FROM sessions WHERE session_id = '{session_id}'")
         yield Attack(session_id, results, root, events, process.returncode, stderr, handoff,
-                     ipv6_on, remaining, marker.exists(), sessions[0] if sessions else {})
+                     ipv6_on, remaining, marker.exists(), lurker_status,
+                     sessions[0] if sessions else {})
     finally:
+        if lurker is not None and lurker.poll() is None:
+            lurker.kill()
+            lurker.wait()
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             process.communicate(timeout=60)
@@ -217,7 +243,7 @@ def os_error(*numbers: int) -> Callable[[dict[str, Any]], bool]:
 
 
 def no_reply(outcome: dict[str, Any]) -> bool:
-    """A datagram that got an ICMP refusal, or silence; never an answer."""
+    """Check that a datagram got an ICMP rejection or no reply, never a response."""
     return not outcome["ok"] and outcome["error"] in ("ConnectionRefusedError", "OSError",
                                                        "TimeoutError")
 
@@ -366,11 +392,21 @@ def test_machine_attempt_fails(attack: Attack, name: str) -> None:
 
 def test_credential_files_unreadable(attack: Attack) -> None:
     names = [name for name in attack.results if name.startswith("read_credential_file_")]
-    if not names:
-        pytest.skip("the e2e configuration names no credential file and "
-                    "GOOGLE_APPLICATION_CREDENTIALS is unset")
+
     assert all(nothing_read(attack.results[name]) for name in names), \
         {name: attack.results[name] for name in names}
+
+
+def test_world_readable_secret_covered(attack: Attack) -> None:
+    index = len(attack.handoff["credential_files"]) - 1
+
+    outcome = attack.results[f"read_credential_file_{index}"]
+
+    assert outcome.get("bytes") == 0, outcome
+
+
+def test_root_process_in_namespace_killed(attack: Attack) -> None:
+    assert attack.lurker_status == -signal.SIGKILL
 
 
 @pytest.mark.parametrize("binary", SETUID_BINARIES)
@@ -428,14 +464,15 @@ def test_root_syn_to_proxy_reset(attack: Attack) -> None:
 
 
 def test_root_dns_to_resolver_answered(attack: Attack) -> None:
-    assert attack.root["dns_answer"] == [attack.handoff["rest_address"]]
+    assert attack.root["dns_answer"] == [attack.handoff["rest_address"]], attack.stderr
 
 
 def test_ipv6_frame_dropped_and_recorded(attack: Attack) -> None:
     if not attack.ipv6_on_host_link:
         pytest.skip("IPv6 is off on the host side of the veth, so the kernel discards IPv6 "
                     "before the firewall sees it")
-    assert dropped("udp6", "[ff02::1]:5353", "screen")(attack), attack.of_kind("dropped")
+    assert dropped("udp6", "[ff02::1]:5353", "screen")(attack), [
+        (e["server"], e["detail"]) for e in attack.of_kind("dropped")]
 
 
 def test_firewall_counters_recorded(attack: Attack) -> None:

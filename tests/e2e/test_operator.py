@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import json
-import selectors
+import queue
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -21,24 +22,38 @@ pytestmark = pytest.mark.e2e
 DEADLINE_SECONDS = 120
 
 
-def read_json_lines_until(process: subprocess.Popen[str], done: str) -> list[dict[str, object]]:
-    """Read JSON lines from `process` until one has kind `done` or the deadline passes."""
-    assert process.stdout is not None
-    records: list[dict[str, object]] = []
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while time.monotonic() < deadline:
-        if not selector.select(timeout=1):
-            continue
-        line = process.stdout.readline()
-        if not line:
-            break
-        records.append(json.loads(line))
-        if records[-1]["kind"] == done:
-            break
-    selector.close()
-    return records
+class JsonLines:
+    """Reads the JSON lines a process prints, in a thread.
+
+    A thread reads, because select() on a buffered pipe misses lines already in its buffer.
+    """
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        self.stream = process.stdout
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in iter(self.stream.readline, ""):
+            self.lines.put(line)
+        self.lines.put("")
+
+    def until(self, done: str) -> list[dict[str, object]]:
+        """Return the records up to one of kind `done`, the end of output, or the deadline."""
+        records: list[dict[str, object]] = []
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if not line:
+                break
+            records.append(json.loads(line))
+            if records[-1]["kind"] == done:
+                break
+        return records
 
 
 def copy_example(appliance: Appliance) -> None:
@@ -76,14 +91,14 @@ def test_tail_follow_prints_live_statements(appliance: Appliance) -> None:
     tail = subprocess.Popen(appliance.command("sessions", "tail", "--follow", "--json"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        output = JsonLines(tail)
         run = appliance.run_agent("python agent.py", "--env", "AGENT_DATASET=operator_tail")
-        records = read_json_lines_until(tail, "session_end")
+        records = output.until("session_end")
     finally:
         tail.send_signal(signal.SIGINT)
         _, stderr = tail.communicate(timeout=30)
 
     session_id = session_id_of(run)
-    print("RECORDS", records, "STDERR", stderr)  # DEBUG-REMOVE
     sql = [r["sql"] for r in records if r["kind"] == "request" and r.get("sql")]
     assert records[0]["kind"] == "session_start"
     assert records[-1]["kind"] == "session_end"
@@ -111,10 +126,11 @@ def test_tail_follow_session_stops_at_end(appliance: Appliance) -> None:
         tail = subprocess.Popen(appliance.command("sessions", "tail", session_id, "--follow",
                                                   "--json"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        started = read_json_lines_until(tail, "session_start")
+        output = JsonLines(tail)
+        started = output.until("session_start")
         Path(gate).touch()
         agent.wait(timeout=DEADLINE_SECONDS)
-        rest = read_json_lines_until(tail, "session_end")
+        rest = output.until("session_end")
         tail.wait(timeout=30)
     finally:
         gate.touch()

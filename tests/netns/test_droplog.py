@@ -2,7 +2,8 @@
 counting, and one real round trip through the kernel on loopback.
 
 The kernel test installs a table `inet aptestlog_<hex>` whose only rule logs UDP from this host
-to 127.0.0.1 on one random port; it accepts the packet and is deleted in `finally`.
+to 127.0.0.1 on one random port. The rule accepts the packet, and the table is deleted in
+`finally`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
 from appliance.netns import droplog
+from appliance.recordings.schema import DROPPED, FIREWALL_COUNTERS
 
 needs_nft_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None,
                                     reason="installing nftables tables needs root and nft")
@@ -163,7 +165,7 @@ def test_kernel_log_reaches_recorder() -> None:
             recorder.stop({"test": 3})
 
     dropped = [json.loads(event["detail"]) for event in events
-               if event["kind"] == droplog.DROPPED]
-    assert [(d["protocol"], d["port"], d["rule"]) for d in dropped][0] == ("udp", port, "test")
+               if event["kind"] == DROPPED]
+    assert (dropped[0]["protocol"], dropped[0]["port"], dropped[0]["rule"]) == ("udp", port, "test")
     assert max(d["count"] for d in dropped) == 3
-    assert events[-1]["kind"] == droplog.FIREWALL_COUNTERS
+    assert events[-1]["kind"] == FIREWALL_COUNTERS

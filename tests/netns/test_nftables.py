@@ -90,7 +90,7 @@ def test_ruleset_exact_script() -> None:
         '        iifname "aptest-0a1b-h" ip daddr 198.18.200.1 tcp dport 15001 '
         "ct status dnat accept\n"
         '        iifname "aptest-0a1b-h" ip daddr 198.18.200.1 meta l4proto { tcp, udp } '
-        "th dport 40053 ct status dnat accept\n"
+        "th dport 40053 accept\n"
         '        iifname "aptest-0a1b-h" ct state related ct status dnat accept\n'
         f'        iifname "aptest-0a1b-h" meta l4proto tcp counter {log.format(chain="input")} '
         'reject with tcp reset comment "input-tcp"\n'

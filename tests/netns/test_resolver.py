@@ -19,6 +19,7 @@ from appliance.context import SessionContext
 from appliance.netns import resolver
 from appliance.recordings import journal as journal_module
 from appliance.recordings.journal import Journal
+from appliance.recordings.schema import DNS_QUERY
 from tests.addons.conftest import HOSTS
 
 TUNNEL_NAME = ("nbswy3dpeb3w64tmmqqho33snrsce3dfnzsw45dflvzq." * 3) + "exfil.example"
@@ -53,7 +54,7 @@ def ask_tcp(server: resolver.Resolver, name: str) -> DNS:
     return DNS(data)
 
 
-def recorded(journal: Journal, kind: str = resolver.DNS_QUERY) -> list[dict[str, Any]]:
+def recorded(journal: Journal, kind: str = DNS_QUERY) -> list[dict[str, Any]]:
     events = [event for event in journal_module.read(journal.path).events
               if event["kind"] == kind]
     for event in events:

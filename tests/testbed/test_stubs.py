@@ -34,7 +34,7 @@ from appliance.credentials import outbound_session
 from testbed import identities as identities_module
 from testbed import stub_servers, token_verifier
 from testbed.identities import Identities
-from tests.token_stubs import ECHO, TOKEN, Stubs, stubs  # noqa: F401 - fixture
+from tests.token_stubs import ECHO, TOKEN, Stubs
 
 CLOUD_PLATFORM = ["https://www.googleapis.com/auth/cloud-platform"]
 

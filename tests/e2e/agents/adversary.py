@@ -4,9 +4,9 @@ It runs as the agent's Unix user inside a session, with the agent venv's Python 
 library only). Its inputs come from `handoff.json` beside it, which the test writes after it
 started the appliance (so it can name the appliance's pid, which the agent's PID namespace
 hides). Every attempt runs with a client-side timeout, so a hang shows as TimeoutError rather
-than stalling the suite. The results are one JSON line `RESULTS {...}` on stdout; then the
-script says `READY`, waits for the test's `release` file (the test probes the firewall as root
-meanwhile), leaves a grandchild and a sleeper behind, and exits.
+than stalling the suite. The results are one JSON line `RESULTS {...}` on stdout. Then the
+script prints `READY` and waits for the test's `release` file, while the test probes the
+firewall as root. Finally it leaves a grandchild and a sleeper behind, and exits.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def attempt(name: str) -> Callable[[Callable[[], dict[str, Any] | None]], None]:
         started = time.monotonic()
         try:
             outcome: dict[str, Any] = {"ok": True, **(function() or {})}
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - every failure is an outcome to report.
             outcome = {"ok": False, "error": type(error).__name__, "message": str(error),
                        "errno": getattr(error, "errno", None)}
         outcome["seconds"] = round(time.monotonic() - started, 2)
@@ -123,7 +123,7 @@ def find(binary: str) -> str | None:
 def run(*command: str) -> dict[str, Any]:
     command = (find(command[0]) or command[0], *command[1:])
     result = subprocess.run(command, capture_output=True, text=True, timeout=15,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"exit {result.returncode}: {(result.stderr or result.stdout)[-300:]}")
     return {"stdout": result.stdout[-300:]}
@@ -182,7 +182,8 @@ def network_attempts(handoff: dict[str, Any]) -> None:
     def _() -> dict[str, Any]:
         return {"address": socket.gethostbyname("dns.test")}
 
-    # From here the agent uses addresses it knows, since the resolver refuses these names.
+    # From here the agent connects to literal addresses, because the resolver rejects these
+    # names.
     attempt("dns_over_https")(lambda: https(
         echo, 443, "dns.test", request("POST", "/dns-query", "dns.test",
                                        "Content-Type: application/dns-message\r\n",
