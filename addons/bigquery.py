@@ -34,6 +34,9 @@ from appliance.context import Registry, SessionContext
 
 logger = logging.getLogger(__name__)
 
+# Result pages larger than this, or of unknown size, are streamed rather than buffered.
+STREAM_THRESHOLD_BYTES = 1 << 20
+
 _TRANSIENT_STATUSES = frozenset({404, 409})
 
 JobKey = tuple[str | None, str]
@@ -190,7 +193,12 @@ class BigQueryDecoder:
         return None
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """Stream result pages through a digest instead of buffering them."""
+        """Stream large result pages through a digest instead of buffering them.
+
+        Pages of known size up to STREAM_THRESHOLD_BYTES stay buffered, so their response
+        event (with the job outcome) is durable before the agent receives them. A streamed page
+        reaches the agent while it passes, and its event is written when it ends.
+        """
         state = flow_state(flow)
         info = state.get("request_info")
         response = flow.response
@@ -199,6 +207,9 @@ class BigQueryDecoder:
             return
         context = session_of(self.registry, flow.client_conn)
         if context is None or context.profile.record_result_rows:
+            return
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) <= STREAM_THRESHOLD_BYTES:
             return
         digest = pages.PageDigest(response.headers.get("content-encoding"))
         state["page_digest"] = digest

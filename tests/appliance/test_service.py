@@ -83,10 +83,10 @@ def test_request_carries_three_descriptors(config: Config) -> None:
         server.close()
 
 
-def test_operator_of_sudo_user(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_operator_of_sudo_user() -> None:
     # /proc/<pid>/environ shows the environment a process started with, so use a child.
-    monkeypatch.setenv("SUDO_USER", "alice")
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                             env={**os.environ, "SUDO_USER": "alice"})
     try:
         assert service.operator_of(child.pid, os.getuid()) == "alice"
     finally:

@@ -64,6 +64,7 @@ def shared_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     """
     runtime = Path(tempfile.mkdtemp(prefix="appliance-run-", dir="/tmp"))
     runtime.chmod(0o755)
+    _RUNTIME_DIRS.append(runtime)
     yield {"ca": tmp_path_factory.mktemp("ca"), "run": runtime}
     shutil.rmtree(runtime, ignore_errors=True)
 
@@ -163,20 +164,53 @@ def appliance(cloud: Cloud, agent_python: str, shared_dirs: dict[str, Path],
     return Appliance(config_path, store, agent_python, workspace)
 
 
+# Runtime directories of this test run. Only sessions leased there count as this run's, so
+# concurrent runs on one machine (other developers, benchmarks) never see each other's sessions.
+_RUNTIME_DIRS: list[Path] = []
+
+
+def _own_tags() -> set[str]:
+    tags = set()
+    for runtime in _RUNTIME_DIRS:
+        for lease in (runtime / "pool").glob("*.lock"):
+            tag = lease.read_text(errors="replace").strip()
+            if tag:
+                tags.add(tag)
+        sessions = runtime / "sessions"
+        if sessions.is_dir():
+            tags.update(path.name for path in sessions.iterdir())
+    return tags
+
+
+def _own_process(pid: str) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return any(f"HOME={runtime}/".encode() in environ for runtime in _RUNTIME_DIRS)
+
+
 def leftovers() -> list[str]:
-    """List session namespaces, links, nftables tables and agent processes that exist now."""
+    """List this run's session namespaces, links, nftables tables and agent processes."""
+    tags = _own_tags()
+
+    def own(name: str) -> bool:
+        return any(tag in name for tag in tags)
+
     found = []
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     found += [f"namespace {line.split()[0]}" for line in namespaces.splitlines()
-              if line.startswith("ap-")]
+              if line.startswith("ap-") and own(line.split()[0])]
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines()
-              if line.split(":")[1].strip().startswith("ap-")]
+              if line.split(":")[1].strip().startswith("ap-") and own(line.split(":")[1])]
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
-    found += [f"table {line}" for line in tables.splitlines() if "appliance_" in line]
+    found += [f"table {line}" for line in tables.splitlines()
+              if "appliance_" in line and own(line)]
     processes = subprocess.run(["pgrep", "-u", AGENT_USER, "-a"], capture_output=True,
                                text=True).stdout
-    found += [f"process {line}" for line in processes.splitlines()]
+    found += [f"process {line}" for line in processes.splitlines()
+              if _own_process(line.split()[0])]
     return found
 
 

@@ -11,7 +11,7 @@ check one attempt: that it failed, and that it is on record where the design put
 - everything else on the wire: a `dropped` event from the firewall's log (repeats counted);
 - DNS: a `dns_query` event from the session resolver;
 - attempts on the machine itself (files, firewall, signals, privileges) leave no event of
-  their own; their record is that the session's own record is complete and untouched.
+  their own. What shows them is that the session's record is complete and untouched.
 
 Every client call in the agent has a 5 s timeout, so a hang shows as a TimeoutError, which no
 test accepts as a refusal.
@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 from testbed.cloud import Cloud
-from tests.e2e.conftest import AGENT_USER, Appliance, wait_for_no_leftovers, write_config
+from tests.e2e.conftest import AGENT_USER, Appliance, leftovers, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -122,6 +122,22 @@ def _credential_files(config_path: Path) -> list[str]:
     if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
         files.append(os.environ["GOOGLE_APPLICATION_CREDENTIALS"])
     return files
+
+
+def _session_leftovers(tag: str, workspace: Path) -> list[str]:
+    """List what this session left: its kernel objects, and processes working in `workspace`.
+
+    Other test runs on the machine may have sessions and agent processes of their own, so only
+    objects named after this session's tag and processes started from this workspace count.
+    """
+    found = [item for item in leftovers() if tag in item and not item.startswith("process ")]
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.readlink(entry / "cwd") == str(workspace):
+                found.append(f"process {entry.name} {(entry / 'cmdline').read_bytes()!r}")
+        except OSError:
+            continue
+    return found
 
 
 def _probe_as_root(namespace: str, tag: str, cloud: Cloud, host: str) -> dict[str, Any]:
@@ -208,7 +224,7 @@ def attack(cloud: Cloud, agent_python: str, shared_dirs: dict[str, Path],
         except subprocess.TimeoutExpired:
             lurker_status = None
         time.sleep(SLEEPER_DELAY + 2)  # Long enough for a surviving sleeper to have acted.
-        remaining = wait_for_no_leftovers()
+        remaining = _session_leftovers(tag, workspace)
         events = appliance.query(f"SELECT * FROM events WHERE session_id = '{session_id}' "
                                  "ORDER BY seq")
         for event in events:
