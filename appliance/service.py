@@ -14,7 +14,7 @@ The client is `run_remote`: it imports nothing heavy, so `appliance run` starts 
 service is up, and falls back to an in-process session when the socket does not exist.
 
 Protocol, one JSON object per line. The client sends `{"op": "run", ...}` with its three file
-descriptors, then `{"signal": N}` lines. The service answers `{"event": "started", ...}`, then
+descriptors, then `{"signal": N}` lines. The service replies with `{"event": "started", ...}`, then
 `{"event": "finished", ...}` or `{"event": "error", "message": ..., "exit_code": N}`.
 """
 
@@ -230,7 +230,7 @@ class Service:
                     "service, or run with --no-service.")
 
     def handle(self, connection: socket.socket) -> None:
-        """Run one client's session and report it; any failure is reported, never raised."""
+        """Run one client's session and report its result or its error to the client."""
         fds: list[int] = []
         try:
             pid, uid = _peer(connection)
@@ -242,10 +242,14 @@ class Service:
                 return
             request, fds = received
             result = self._run(connection, request, fds, operator_of(pid, uid))
-            _send(connection, {"event": "finished", "session_id": result.session_id,
-                               "status": result.status, "statements": result.statements,
-                               "events": result.events, "duration": result.duration,
-                               "exit_code": result.exit_code})
+            try:
+                _send(connection, {"event": "finished", "session_id": result.session_id,
+                                   "status": result.status, "statements": result.statements,
+                                   "events": result.events, "duration": result.duration,
+                                   "exit_code": result.exit_code})
+            except OSError as error:
+                logger.info("Session %s: its client left before the result: %s",
+                            result.session_id, error)
         except ApplianceError as error:
             logger.warning("A client's session failed: %s", error)
             with contextlib.suppress(OSError):

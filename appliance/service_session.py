@@ -1,9 +1,9 @@
 """A session run by `appliance serve`: the shared proxy, the client's stdio and signals.
 
-It is the in-process `Session` with three differences: its proxy listener is added to the
-service's proxy and removed at teardown; its agent's stdin, stdout and stderr are the client's
-(`RunRequest.stdio`); and signals come from the client's connection through `interrupt`,
-from any thread, instead of signal handlers, which only a main thread may install.
+It is the in-process `Session` with three differences. Its proxy listener is added to the
+service's proxy and removed at teardown. Its agent's stdin, stdout and stderr are the client's
+(`RunRequest.stdio`). Signals come from the client's connection through `interrupt`, from any
+thread, because only a main thread may install signal handlers.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from appliance.credentials import Identity, TokenSource
 from appliance.errors import ConfigError, CredentialError, PrivilegeError
 from appliance import processes
 from appliance.netns import droplog, namespace, nftables, pool, resolver
+from appliance.progress import progress
 from appliance.proxy import EmbeddedProxy
 from appliance.recordings.journal import Journal
 from appliance.recordings.schema import SESSION_END, SESSION_START
@@ -472,7 +473,8 @@ class Session:
             logger.exception("Session %s: recording the session end failed", self.session_id)
         self.journal.close()
         try:
-            return self.store.seal(self.session_id).status
+            with progress(f"Sealing session {self.session_id}"):
+                return self.store.seal(self.session_id).status
         except Exception:
             logger.exception("Session %s: sealing failed; the journal is kept and recovered at "
                              "the next start", self.session_id)

@@ -30,6 +30,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def profile_run(setup: harness.ApplianceSetup, agent_args: list[str], workdir: Path,
                 name: str) -> dict[str, Any]:
+    """Profile one appliance run; retry once, as Runner.run_agent does."""
+    try:
+        return _profile_once(setup, agent_args, workdir, name)
+    except RuntimeError as error:
+        harness.log(f"retrying after a failed profiled run ({str(error).splitlines()[0]})")
+        return _profile_once(setup, agent_args, workdir, name)
+
+
+def _profile_once(setup: harness.ApplianceSetup, agent_args: list[str], workdir: Path,
+                  name: str) -> dict[str, Any]:
     timings = workdir / f"{name}-hooks.json"
     stacks = workdir / f"{name}-py-spy.txt"
     agent = f"python {setup.workspace / 'agent_workload.py'} {' '.join(agent_args)}"

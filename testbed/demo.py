@@ -41,7 +41,8 @@ def _run(base: Path, agent_python: str) -> int:
     with Cloud(base / "cloud") as cloud:
         config = base / "appliance.yaml"
         config.write_text(yaml.safe_dump({
-            "store": {"path": str(base / "store")},
+            # The signing key stays in the demo directory, not in /etc/appliance.
+            "store": {"path": str(base / "store"), "signing_key": str(base / "signing-key.pem")},
             "runtime_dir": str(base / "run"),
             "proxy": {"ca_dir": str(base / "ca"), "upstream_ca_file": str(cloud.ca_file)},
             "network": {"hosts": cloud.hosts},

@@ -11,6 +11,7 @@ import typer
 from appliance import config as config_module
 from appliance.commands.render import ConfigOption, JsonOption, message, print_json, stdout
 from appliance.errors import ConfigError
+from appliance.progress import progress
 
 if TYPE_CHECKING:
     from appliance.recordings.store import Store
@@ -100,7 +101,8 @@ def export(
     """Copy sealed sessions, the digest chain and the public key to DEST, partitioned by date."""
     from appliance.recordings import export as export_module
     store = _store(config_path)
-    result = export_module.export(store, destination, store.signer)
+    with progress(f"Exporting sessions to {destination}"):
+        result = export_module.export(store, destination, store.signer)
     if as_json:
         print_json(result.as_dict())
     else:

@@ -14,6 +14,7 @@ import typer
 from appliance import config as config_module
 from appliance.commands.render import ConfigOption, JsonOption, print_json, stdout
 from appliance.errors import ConfigError
+from appliance.progress import progress
 
 if TYPE_CHECKING:
     from appliance.recordings.verify import Report
@@ -42,7 +43,8 @@ def verify(
         raise ConfigError("Name one session to verify, or pass --all (not both).")
     root = store if store is not None else config_module.load(config_path).store_path
     verifier, key_source = verify_module.find_public_key(root, public_key)
-    report = verify_module.verify_store(root, verifier, key_source, session_id)
+    with progress(f"Verifying {'the store' if every else session_id}"):
+        report = verify_module.verify_store(root, verifier, key_source, session_id)
     if as_json:
         print_json(report.as_dict())
     else:

@@ -7,6 +7,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,12 @@ def test_operator_of_sudo_user() -> None:
     # /proc/<pid>/environ shows the environment a process started with, so use a child.
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
                              env={**os.environ, "SUDO_USER": "alice"})
+    environ = Path(f"/proc/{child.pid}/environ")
     try:
+        # Right after exec the kernel may show an empty environment for a moment.
+        deadline = time.monotonic() + 30
+        while not environ.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert service.operator_of(child.pid, os.getuid()) == "alice"
     finally:
         child.kill()

@@ -77,6 +77,8 @@ def installed() -> Iterator[Installation]:
            "APPLIANCE_SYSTEMD_DIR": str(paths["unit_dir"]), "APPLIANCE_AGENT_USER": user,
            "APPLIANCE_NO_SYSTEMCTL": "1"}
     installation = Installation(root, env, user=user, **paths)
+    # install.sh installs the unit only where systemd's configuration directory exists.
+    paths["unit_dir"].parent.mkdir(parents=True)
     try:
         result = installation.script("install")
         assert result.returncode == 0, result.stderr
@@ -115,6 +117,25 @@ def test_private_files_are_root_only(installed: Installation, relative: str,
 
     assert _mode(path) == mode
     assert path.stat().st_uid == 0
+
+
+def test_unit_runs_installed_command(installed: Installation) -> None:
+    unit = (installed.unit_dir / "appliance.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+
+    assert exec_start.split("=", 1)[1].split()[0] == str(installed.prefix / "venv" / "bin"
+                                                         / "appliance")
+    assert f"serve --config {installed.config}" in exec_start
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="needs systemd-analyze to check the unit")
+def test_unit_passes_systemd_analyze(installed: Installation) -> None:
+    result = subprocess.run(["systemd-analyze", "verify",
+                             str(installed.unit_dir / "appliance.service")],
+                            capture_output=True, text=True, check=False)
+
+    assert result.returncode == 0, result.stderr
 
 
 def test_agent_user_is_unprivileged(installed: Installation) -> None:
