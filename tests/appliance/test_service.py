@@ -7,7 +7,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -85,15 +84,14 @@ def test_request_carries_three_descriptors(config: Config) -> None:
 
 
 def test_operator_of_sudo_user() -> None:
-    # /proc/<pid>/environ shows the environment a process started with, so use a child.
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
-                             env={**os.environ, "SUDO_USER": "alice"})
-    environ = Path(f"/proc/{child.pid}/environ")
+    # /proc/<pid>/environ shows the environment a process started with, so use a child. It
+    # reports ready only after exec, since before exec the file still shows the parent's.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(30)"],
+        env={**os.environ, "SUDO_USER": "alice"}, stdout=subprocess.PIPE, text=True)
     try:
-        # Right after exec the kernel may show an empty environment for a moment.
-        deadline = time.monotonic() + 30
-        while not environ.read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
         assert service.operator_of(child.pid, os.getuid()) == "alice"
     finally:
         child.kill()
