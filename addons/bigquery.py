@@ -27,6 +27,7 @@ import logging
 from dataclasses import dataclass, field
 
 from mitmproxy import http
+from mitmproxy.coretypes.multidict import MultiDictView
 
 from appliance.addons.common import flow_state, session_of
 from appliance.bigquery import pages, rest
@@ -149,7 +150,7 @@ class BigQueryDecoder:
         flow_state(flow)["job_label"] = {key: value}
 
     def _statement_for(self, context: SessionContext, info: rest.RequestInfo,
-                       query: http.MultiDictView[str, str],
+                       query: MultiDictView[str, str],
                        state: dict[str, object]) -> str | None:
         links = self._links(context)
         found = self._existing_statement(links, info, query)
@@ -172,7 +173,7 @@ class BigQueryDecoder:
 
     @staticmethod
     def _existing_statement(links: _SessionLinks, info: rest.RequestInfo,
-                            query: http.MultiDictView[str, str]
+                            query: MultiDictView[str, str]
                             ) -> tuple[str, str | None] | None:
         """Return the statement and parent job id a follow-up request belongs to."""
         if info.upload_id and info.upload_id in links.uploads:

@@ -24,9 +24,10 @@ from rich.table import Table
 from appliance import config as config_module
 from appliance import service
 from appliance.commands import ca, doctor, sessions_extra
-from appliance.commands import serve as serve_command
-from appliance.commands import store as store_commands, verify as verify_commands
 from appliance.commands import reconcile as reconcile_commands
+from appliance.commands import serve as serve_command
+from appliance.commands import store as store_commands
+from appliance.commands import verify as verify_commands
 from appliance.errors import ApplianceError, ConfigError
 
 app = typer.Typer(help="Record what AI agents do to Google BigQuery.", no_args_is_help=True,

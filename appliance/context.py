@@ -68,8 +68,7 @@ class Registry:
 
     def lookup(self, address: str) -> SessionContext | None:
         """Return the session whose agent uses `address`, or None for any other source."""
-        if address.startswith("::ffff:"):
-            address = address[len("::ffff:"):]
+        address = address.removeprefix("::ffff:")
         with self._lock:
             return self._by_address.get(address)
 

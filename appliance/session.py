@@ -26,12 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance import addons
+from appliance import addons, processes
 from appliance.config import AgentProfile, Config
 from appliance.context import Registry, SessionContext
 from appliance.credentials import Identity, TokenSource
 from appliance.errors import ConfigError, CredentialError, PrivilegeError
-from appliance import processes
 from appliance.netns import droplog, namespace, nftables, pool, resolver
 from appliance.progress import progress
 from appliance.proxy import EmbeddedProxy
