@@ -67,8 +67,8 @@ def small(args: argparse.Namespace) -> dict[str, Any]:
     job = bq.query("SELECT 1")
     job.result()
     counts = counting(bq)
-    query = lambda: list(bq.query_and_wait("SELECT 1"))  # noqa: E731
-    get = lambda: bq.get_job(job.job_id, location=job.location)  # noqa: E731
+    query = lambda: list(bq.query_and_wait("SELECT 1"))
+    get = lambda: bq.get_job(job.job_id, location=job.location)
     timed(query, args.warmup, args.new_connections, bq)
     timed(get, args.warmup, args.new_connections, bq)
     before = counts["responses"]
@@ -87,7 +87,7 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     bq.query_and_wait(
         f"CREATE TABLE `{table}` AS SELECT n, REPEAT('x', {args.width}) AS payload "
         f"FROM UNNEST(GENERATE_ARRAY(1, {args.rows})) AS n")
-    count = list(bq.query_and_wait(f"SELECT COUNT(*) AS c FROM `{table}`"))[0].c
+    count = next(iter(bq.query_and_wait(f"SELECT COUNT(*) AS c FROM `{table}`"))).c
     return {"table": table, "rows": count}
 
 
@@ -161,7 +161,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
             started = time.perf_counter()
             try:
                 bq.get_job(job.job_id, location=job.location)
-            except Exception as error:  # counted and reported, not raised
+            except Exception as error:  # noqa: BLE001 - counted and reported, not raised
                 errors.append(type(error).__name__)
                 continue
             latencies[index].append((time.perf_counter() - started) * 1000)
@@ -189,7 +189,7 @@ def statements(args: argparse.Namespace) -> dict[str, Any]:
         try:
             list(bq.query_and_wait(f"SELECT '{args.marker}' AS marker, {number} AS n"))
             ok += 1
-        except Exception as error:  # counted and reported, not raised
+        except Exception as error:  # noqa: BLE001 - counted and reported, not raised
             errors.append(f"{type(error).__name__}: {str(error)[:200]}")
     return {"marker": args.marker, "ok": ok, "errors": len(errors), "error_samples": errors[:5],
             "seconds": time.perf_counter() - started}

@@ -38,7 +38,7 @@ def import_profile(module: str) -> dict[str, Any]:
     for line in result.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
             continue
-        self_us, cumulative_us, name = line.removeprefix("import time:").split("|", 2)
+        _self_us, cumulative_us, name = line.removeprefix("import time:").split("|", 2)
         depth = len(name) - len(name.lstrip())
         rows.append((int(cumulative_us), depth, name.strip()))
     outermost = min(depth for _, depth, _ in rows)

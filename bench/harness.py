@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -162,7 +162,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -439,7 +439,8 @@ def ensure_bench_user() -> None:
     A user of its own keeps the e2e suite's leftover check, which kills stray processes of
     the tests' agent user, away from agents that a benchmark runs at the same time.
     """
-    if subprocess.run(["id", "-u", BENCH_USER], capture_output=True).returncode != 0:
+    if subprocess.run(["id", "-u", BENCH_USER], capture_output=True,
+                      check=False).returncode != 0:
         run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
              "--shell", "/usr/sbin/nologin", BENCH_USER])
 
@@ -510,7 +511,7 @@ class Runner:
         self.ca_file: Path = instance.ca_file
         self.appliance: ApplianceSetup | None = None
 
-    def __enter__(self) -> Runner:
+    def __enter__(self) -> Self:
         try:
             if self.name == "appliance":
                 self.appliance = appliance_setup(self.instance, self.workdir, self.hosts)

@@ -259,8 +259,9 @@ def profile_section(p: dict[str, Any]) -> list[str]:
         rows = [[hook, f(v["p50"], 3), f(v["p99"], 3), f(v["n"])]
                 for hook, v in sorted(data["hooks_ms"].items(), key=lambda kv: -kv[1]["p50"])
                 if v["p50"] >= 0.01]
-        lines += [f"### {name}: addon hooks (ms)", ""]
-        lines += table(["hook", "p50", "p99", "calls"], rows)
+        lines += [f"### {name}", ""]
+        if rows:
+            lines += ["Addon hooks (ms):", ""] + table(["hook", "p50", "p99", "calls"], rows)
         spy = data["py_spy"]
         lines += [f"{name}: py-spy, {spy['busy_samples']} busy samples of {spy['samples']}; "
                   "busiest frames of the appliance's own code (inclusive %) and leaf frames "
@@ -287,7 +288,11 @@ def main() -> None:
              "Setups: *direct* routes the agent namespace to the testbed cloud; *plain* "
              "redirects it with the appliance's nftables rules to bench/plain_mitmproxy.py "
              "(core, proxyserver, next_layer, tlsconfig only); *appliance* is `appliance run`. "
-             "The agent is the real google-cloud-bigquery client from the agent venv.", ""]
+             "The agent is the real google-cloud-bigquery client from the agent venv, run as "
+             "the Unix user `appliance-bench`, which the benchmarks create if it is missing. "
+             "All traffic stays on this machine, in 198.19.109.0/24 (cloud) and "
+             "198.18.109.0/24 (sessions and bench namespaces); set BENCH_CLOUD_SUBNET and "
+             "BENCH_SESSION_POOL to use others.", ""]
     lines += machine_section(machine)
     lines += summary_section(targets)
     sections = [("calls", calls_section), ("large", large_section),

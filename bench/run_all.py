@@ -74,7 +74,7 @@ def main() -> int:
                 args = parse(name, options.quick)
                 try:
                     result = BENCHMARKS[name].measure(instance, _fresh(workdir, name), args)
-                except Exception as error:  # reported, so the other benchmarks still run
+                except Exception as error:  # noqa: BLE001 - reported, so the other benchmarks still run
                     harness.log(f"{name} failed: {error}")
                     result = {"error": str(error)[-2000:]}
                 result["command"] = f"bench/{BENCHMARKS[name].__name__.split('.')[-1]}.py " \
