@@ -8,6 +8,7 @@ is the public certificate, the only file this module ever hands out.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,14 @@ def ensure(ca_dir: Path) -> Path:
                              "it; run the command as root.")
     try:
         ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        CertStore.from_store(ca_dir, CONF_BASENAME, KEY_SIZE)
+        # Sessions starting at once on a fresh machine would each write a different CA, and
+        # agents given one certificate would then meet a proxy using another.
+        lock_fd = os.open(ca_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            CertStore.from_store(ca_dir, CONF_BASENAME, KEY_SIZE)
+        finally:
+            os.close(lock_fd)
     except OSError as error:
         raise ConfigError(f"Cannot create the CA in {ca_dir}: {error.strerror}; check "
                           "proxy.ca_dir in the configuration.") from error

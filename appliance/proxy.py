@@ -18,6 +18,7 @@ from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
+from appliance import ca
 from appliance.errors import ProxyError
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class EmbeddedProxy:
 
     async def start(self, listen: Sequence[tuple[str, int]]) -> None:
         """Start listening; raise ProxyError when any listener cannot be bound."""
-        self.ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ca.ensure(self.ca_dir)  # Created under a lock before mitmproxy reads it.
         master = Master(options.Options())
         ready = _Ready()
         master.addons.add(
