@@ -54,7 +54,7 @@ def measure(instance: Any, workdir: Path, args: argparse.Namespace) -> dict[str,
                                 ready="query server ready"):
             setup = harness.appliance_setup(instance, workdir, hosts)
             # One session first creates the CA and the store, as an installed appliance has
-            # them: 50 first starts at once race to create the CA (see docs/benchmarks.md).
+            # them, so the 50 measure steady-state sessions, not first-start set-up.
             subprocess.run(setup.command("true"), capture_output=True, check=True,
                            cwd=setup.workspace)
             agent = f"python {setup.workspace / 'agent_workload.py'} statements --count " \
