@@ -18,7 +18,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -138,24 +137,6 @@ def _agent_account(profile: AgentProfile) -> pwd.struct_passwd:
     return account
 
 
-async def _resolve_allowed(profile: AgentProfile, overrides: dict[str, str]) -> dict[str, str]:
-    """Map each exact allowlisted host to an address for the session's hosts file."""
-    hosts = dict(overrides)
-    loop = asyncio.get_running_loop()
-    for host in profile.allow_hosts:
-        if "*" in host or host in hosts:
-            continue
-        try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(host, 443, family=socket.AF_INET, type=socket.SOCK_STREAM), 5)
-        except (OSError, TimeoutError):
-            logger.warning("Could not resolve allowlisted host %s; the agent will not reach it",
-                           host)
-            continue
-        hosts[host] = str(infos[0][4][0])
-    return hosts
-
-
 class Session:
     """Builds, runs and tears down one session."""
 
@@ -224,7 +205,9 @@ class Session:
     async def _build(self, account: pwd.struct_passwd) -> None:
         profile = self.request.profile
         assert self.network is not None
-        hosts = await _resolve_allowed(profile, dict(self.config.hosts))
+        # Only the configured overrides: other names are resolved on demand by the session
+        # resolver and egress policy, which record and check each lookup.
+        hosts = dict(self.config.hosts)
         tokens, identity = await self._credentials(account)
         self.journal = self.store.open_journal(self.session_id)
         self.context = SessionContext(

@@ -68,7 +68,7 @@ def create(tag: str, lease: Lease) -> SessionNetwork:
         _create_veth(network)
         _configure_namespace_side(network)
     except NetlinkError as error:
-        destroy(network)
+        remove_objects(tag)
         if error.code == errno.EPERM:
             raise PrivilegeError(
                 "Creating a network namespace needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN); "
@@ -78,7 +78,7 @@ def create(tag: str, lease: Lease) -> SessionNetwork:
             f"Setting up the network of session tag {tag} failed: {error}."
         ) from error
     except OSError as error:
-        destroy(network)
+        remove_objects(tag)
         if error.errno == errno.EPERM:
             raise PrivilegeError(
                 f"Creating network namespace {namespace} needs root; run appliance as root."
@@ -140,11 +140,6 @@ def _disable_ipv6(namespace_path: str) -> None:
         if isinstance(error, FileNotFoundError):
             return  # The kernel has no IPv6 at all, which is as good as disabled.
         raise error
-
-
-def destroy(network: SessionNetwork) -> None:
-    """Remove the session's links and namespace; each step is guarded and logged."""
-    remove_objects(network.tag)
 
 
 def remove_objects(tag: str) -> list[str]:
