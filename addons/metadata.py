@@ -38,7 +38,7 @@ def is_metadata_flow(flow: http.HTTPFlow) -> bool:
 
 
 class MetadataEmulator:
-    """Answers metadata requests from the session's own data."""
+    """Serves metadata requests from the session's own data."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry

@@ -255,7 +255,7 @@ def _form(body: bytes, content_type: str) -> dict[str, str]:
 
 
 class TokenHandler(Handler):
-    """oauth2, sts and iamcredentials on one address, told apart by Host and path."""
+    """oauth2, sts and iamcredentials on one address, distinguished by Host and path."""
 
     @property
     def registry(self) -> Registry:

@@ -1250,6 +1250,11 @@ def _decode_query_response(
         outcome = base.outcome
     else:
         outcome = "done" if complete else "running"
+    # BigQuery omits `rows` from a complete, empty result, so that counts as 0 rows returned.
+    if rows is not None:
+        rows_returned: int | None = len(rows)
+    else:
+        rows_returned = 0 if complete else None
     return dataclasses.replace(
         base,
         project=fields.text(reference, "projectId"),
@@ -1262,7 +1267,7 @@ def _decode_query_response(
         bytes_processed=fields.int64(payload, "totalBytesProcessed"),
         bytes_billed=fields.int64(payload, "totalBytesBilled"),
         rows_affected=fields.int64(payload, "numDmlAffectedRows"),
-        rows_returned=len(rows) if rows is not None else (0 if complete else None),
+        rows_returned=rows_returned,
         total_rows=fields.int64(payload, "totalRows"),
         cache_hit=fields.flag(payload, "cacheHit"),
         slot_ms=fields.int64(payload, "totalSlotMs"),
