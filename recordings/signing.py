@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import stat
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,8 @@ def export_public_key(signer: Verifier, target: Path) -> None:
     with contextlib.suppress(OSError):
         if target.read_bytes() == pem:
             return
-    partial = target.with_name(f".{target.name}.partial")
+    # A name of its own per writer: sessions starting together may export the key at once.
+    partial = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     try:
         partial.write_bytes(pem)
         os.chmod(partial, 0o644)

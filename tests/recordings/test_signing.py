@@ -155,3 +155,4 @@ def test_catalog_indexes_digest(store: Store, write_session: WriteSession) -> No
                                  ).fetchone()
 
     assert row == (entry["digest_hash"], entry["first_ts_ns"], entry["last_ts_ns"])
+
